@@ -1,0 +1,9 @@
+"""soft_jax: Sorted Fine-Tuning (SoFT) of LLaMA-family models in JAX/Flax."""
+
+from soft_jax.config import LlamaConfig, preset
+from soft_jax.convert import load_hf, save_hf
+from soft_jax.loss import exit_loss
+from soft_jax.model import exit_hidden_states, exit_logits, init_params
+
+__all__ = ["LlamaConfig", "preset", "load_hf", "save_hf", "exit_loss", "exit_logits",
+           "exit_hidden_states", "init_params"]

@@ -1,0 +1,104 @@
+"""The sorted multi-exit loss: (1/|exits|) * sum_exits CE_exit through the shared head."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from soft_jax.config import LlamaConfig, normalize_exits
+from soft_jax.model import exit_hidden_states, head_logits
+
+Array = jax.Array
+IGNORE_INDEX = -100
+
+
+def batch_targets(batch: dict) -> tuple[Array, Array]:
+    """(targets, mask) aligned with `input_ids` from a batch with `targets` or HF-style `labels`.
+
+    `targets[t]` is the token to predict after position t. `labels` follow Hugging Face: the
+    same positions as `input_ids`, shifted here, -100 ignored. `loss_mask` (optional, aligned
+    with the targets) masks prompt tokens; targets equal to -100 are masked too.
+    """
+    if "targets" in batch:
+        targets = jnp.asarray(batch["targets"])
+    elif "labels" in batch:
+        labels = jnp.asarray(batch["labels"])
+        targets = jnp.concatenate(
+            [labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    else:
+        raise KeyError(f"batch needs 'targets' or 'labels' (got keys {sorted(batch)})")
+    mask = targets != IGNORE_INDEX
+    if batch.get("loss_mask") is not None:
+        mask = mask & (jnp.asarray(batch["loss_mask"]) > 0)
+    return jnp.where(mask, targets, 0).astype(jnp.int32), mask
+
+
+def exit_weights(config: LlamaConfig, exits: tuple[int, ...]) -> Array:
+    """Per-exit loss weights normalised to sum 1 (equal unless the config says otherwise)."""
+    if config.exit_weights is not None and exits == config.resolved_exits:
+        w = jnp.asarray(config.exit_weights, jnp.float32)
+    else:
+        w = jnp.ones((len(exits),), jnp.float32)
+    return w / w.sum()
+
+
+def token_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
+    """Per-token cross-entropy and log-sum-exp from float32 logits."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - target_logit, lse
+
+
+def combine_exit_losses(config: LlamaConfig, exits: tuple[int, ...], per_exit_sum: Array,
+                        count: Array, z_sum: Array | None = None, z_loss: float = 0.0
+                        ) -> tuple[Array, dict]:
+    """Token means per exit, their weighted mean, and the metrics dict."""
+    denom = jnp.maximum(count, 1.0)
+    per_exit = per_exit_sum / denom
+    loss = jnp.sum(exit_weights(config, exits) * per_exit)
+    metrics = {"loss": loss, "num_tokens": count}
+    metrics.update({f"loss/exit_{e}": per_exit[i] for i, e in enumerate(exits)})
+    if z_sum is not None and z_loss:
+        z = jnp.sum(exit_weights(config, exits) * z_sum / denom)
+        metrics["z_loss"] = z
+        loss = loss + z_loss * z
+    return loss, metrics
+
+
+def exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: Array,
+                          mask: Array, exits: tuple[int, ...], z_loss: float = 0.0
+                          ) -> tuple[Array, dict]:
+    """Plain multi-exit loss: materialises each exit's [B, T, V] logits (one at a time)."""
+    m = mask.astype(jnp.float32)
+    sums, zs = [], []
+    for i, e in enumerate(exits):
+        ce, lse = token_cross_entropy(head_logits(config, params, hidden[i], e), targets)
+        sums.append(jnp.sum(ce * m))
+        zs.append(jnp.sum(lse * lse * m))
+    return combine_exit_losses(config, exits, jnp.stack(sums), m.sum(), jnp.stack(zs), z_loss)
+
+
+def loss_fn(config: LlamaConfig, params, batch: dict, exits: tuple[int, ...] | None = None,
+            z_loss: float = 0.0) -> tuple[Array, dict]:
+    """The multi-exit training loss for one batch (not jitted; call inside your step)."""
+    exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    targets, mask = batch_targets(batch)
+    hidden = exit_hidden_states(config, params, jnp.asarray(batch["input_ids"], jnp.int32),
+                                batch.get("positions"), batch.get("segment_ids"), exits)
+    return exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss)
+
+
+@partial(jax.jit, static_argnames=("config", "exits"))
+def _exit_loss(config, params, batch, exits):
+    return loss_fn(config, params, batch, exits)
+
+
+def exit_loss(config: LlamaConfig, params, batch: dict,
+              exits: tuple[int, ...] | None = None) -> tuple[Array, dict]:
+    """(loss, metrics): the weighted mean of per-exit token-mean CEs, with `loss/exit_N` metrics."""
+    exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    batch = {k: v for k, v in batch.items() if v is not None}
+    return _exit_loss(config, params, batch, exits)

@@ -1,0 +1,176 @@
+"""The LLaMA stack: embeddings, a scanned layer stack that emits the residual stream at the
+sorted exits, and the shared final norm + LM head applied at every exit."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from soft_jax.config import LlamaConfig, normalize_exits
+from soft_jax.layers import DecoderLayer, rms_norm, rope_tables
+
+Array = jax.Array
+Params = dict
+
+_SAVED_NAMES = {
+    "save_qkv_out": ("query_proj", "key_proj", "value_proj", "attn_out"),
+    "save_mlp_out": ("query_proj", "key_proj", "value_proj", "attn_out", "mlp_gate", "mlp_up"),
+}
+
+
+def remat_policy(name: str):
+    """The jax.checkpoint policy for a named remat setting (None means: save nothing)."""
+    cp = jax.checkpoint_policies
+    if name == "full":
+        return None
+    if name == "save_dots":
+        return cp.dots_with_no_batch_dims_saveable
+    if name in _SAVED_NAMES:
+        return cp.save_only_these_names(*_SAVED_NAMES[name])
+    if name == "offload_dots":
+        return cp.offload_dot_with_no_batch_dims("device", "pinned_host")
+    raise ValueError(f"no remat policy for {name!r}")
+
+
+def init_params(config: LlamaConfig, rng: Array) -> Params:
+    """Random parameters (normal 0.02, norms at 1), layers stacked on a leading axis."""
+    k_embed, k_layers, k_head, k_exit = jax.random.split(rng, 4)
+    d, v, dt = config.hidden_size, config.vocab_size, config.weight_dtype
+    x = jnp.zeros((1, 1, d), config.compute_dtype)
+    cos, sin = rope_tables(config, jnp.zeros((1, 1), jnp.int32))
+    layer_init = lambda k: DecoderLayer(config).init(k, x, cos, sin)["params"]  # noqa: E731
+    params = {
+        "embed": {"embedding": 0.02 * jax.random.normal(k_embed, (v, d), dt)},
+        "layers": jax.vmap(layer_init)(jax.random.split(k_layers, config.num_layers)),
+        "final_norm": {"scale": jnp.ones((d,), dt)},
+    }
+    if not config.tie_word_embeddings:
+        params["lm_head"] = {"kernel": 0.02 * jax.random.normal(k_head, (d, v), dt)}
+    if config.num_exit_heads:
+        params["exit_heads"] = {
+            "kernel": 0.02 * jax.random.normal(k_exit, (config.num_exit_heads, d, v), dt)}
+    return params
+
+
+def attention_mask(segment_ids: Array) -> Array:
+    """Causal mask [batch, 1, q, k] that also keeps packed segments (and padding, id 0) apart."""
+    t = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+def _exit_slots(exits: tuple[int, ...], num_layers: int) -> np.ndarray:
+    """For layer i (0-based), the index of the first exit at or after it.
+
+    Writing every layer's output into its slot leaves, once the scan is done, exactly the
+    output of each exit layer there: later layers of a segment overwrite earlier ones.
+    """
+    return np.searchsorted(np.asarray(exits), np.arange(1, num_layers + 1)).astype(np.int32)
+
+
+def _layer_fn(config: LlamaConfig):
+    layer = DecoderLayer(config)
+
+    def apply(p, h, cos, sin, mask):
+        return layer.apply({"params": p}, h, cos, sin, mask)[0]
+
+    if config.remat_policy == "none":
+        return apply
+    return jax.checkpoint(apply, policy=remat_policy(config.remat_policy),
+                          prevent_cse=not config.scan_layers)
+
+
+def run_stack(config: LlamaConfig, layers: Params, h: Array, cos: Array, sin: Array,
+              mask: Array | None, exits: tuple[int, ...]) -> Array:
+    """Run all layers; return the residual stream after each exit layer, [n_exits, B, T, D].
+
+    The scanned path keeps one [n_exits, B, T, D] buffer in the carry (one compiled body, no
+    per-layer hidden states stacked); the unscanned path is a Python loop for reference.
+    """
+    layer = _layer_fn(config)
+    if not config.scan_layers:
+        outs = []
+        for i in range(config.num_layers):
+            h = layer(jax.tree.map(lambda p: p[i], layers), h, cos, sin, mask)
+            if i + 1 in exits:
+                outs.append(h)
+        return jnp.stack(outs)
+    if exits == (config.num_layers,):
+        def body(h, p):
+            return layer(p, h, cos, sin, mask), None
+        return jax.lax.scan(body, h, layers)[0][None]
+
+    def body(carry, xs):
+        h, buf = carry
+        p, slot = xs
+        h = layer(p, h, cos, sin, mask)
+        return (h, jax.lax.dynamic_update_index_in_dim(buf, h, slot, 0)), None
+
+    buf = jnp.zeros((len(exits),) + h.shape, h.dtype)
+    slots = jnp.asarray(_exit_slots(exits, config.num_layers))
+    return jax.lax.scan(body, (h, buf), (layers, slots))[0][1]
+
+
+def embed(config: LlamaConfig, params: Params, input_ids: Array) -> Array:
+    """Token embeddings in the compute dtype."""
+    return jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(config.compute_dtype)
+
+
+def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,
+                       positions: Array | None = None, segment_ids: Array | None = None,
+                       exits: tuple[int, ...] | None = None) -> Array:
+    """Raw (pre-norm) residual stream at each exit, [n_exits, batch, seq, hidden]."""
+    exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    if max(exits) < config.num_layers:
+        raise ValueError("exits must include the last layer")
+    b, t = input_ids.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos, sin = rope_tables(config, positions)
+    mask = None if segment_ids is None else attention_mask(segment_ids)
+    return run_stack(config, params["layers"], embed(config, params, input_ids), cos, sin, mask,
+                     exits)
+
+
+def head_kernel(config: LlamaConfig, params: Params, exit_layer: int) -> Array:
+    """The [hidden, vocab] head read at `exit_layer`: the shared head, or an ICT exit head."""
+    if "exit_heads" in params and exit_layer != config.num_layers:
+        idx = config.resolved_exits.index(exit_layer)
+        return params["exit_heads"]["kernel"][idx]
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T
+    return params["lm_head"]["kernel"]
+
+
+def head_logits(config: LlamaConfig, params: Params, h: Array, exit_layer: int) -> Array:
+    """float32 logits from a raw residual stream: final norm, then the head for that exit."""
+    x = rms_norm(h, params["final_norm"]["scale"].astype(h.dtype), config.rms_norm_eps)
+    kernel = head_kernel(config, params, exit_layer).astype(config.compute_dtype)
+    return jnp.einsum("...d,dv->...v", x.astype(config.compute_dtype), kernel,
+                      preferred_element_type=jnp.float32)
+
+
+@partial(jax.jit, static_argnames=("config", "exits"))
+def _exit_logits(config, params, input_ids, exits):
+    hs = exit_hidden_states(config, params, input_ids, exits=exits)
+    return {e: head_logits(config, params, hs[i], e) for i, e in enumerate(exits)}
+
+
+def exit_logits(config: LlamaConfig, params: Params, input_ids,
+                exits: tuple[int, ...] | None = None) -> dict[int, Array]:
+    """Map each exit (1-based layer count) to float32 logits [batch, seq, vocab].
+
+    `exits=None` means the config's exits (always with the last layer); an explicit tuple
+    returns exactly those exits.
+    """
+    asked = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    if exits is not None:
+        wanted = sorted({int(e) for e in ([exits] if isinstance(exits, int) else exits)})
+    else:
+        wanted = list(asked)
+    out = _exit_logits(config, params, jnp.asarray(input_ids, jnp.int32), asked)
+    return {e: out[e] for e in wanted}

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline HF, tiny random torch LLaMA models saved as HF folders."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+def make_hf_model(tmp_path, name="hf", *, vocab=101, hidden=48, inter=112, layers=5, heads=4,
+                  kv_heads=2, tie=False, theta=10000.0, seed=0, dtype="float32", rope_scaling=None,
+                  head_dim=None):
+    """Save a tiny random transformers LlamaForCausalLM; return (folder, torch model)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+              num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+              tie_word_embeddings=tie, max_position_embeddings=256, rms_norm_eps=1e-5)
+    if head_dim is not None:
+        kw["head_dim"] = head_dim
+    rope = {"rope_type": "default", "rope_theta": theta}
+    if rope_scaling is not None:
+        rope.update(rope_scaling)
+    kw["rope_parameters"] = rope
+    model = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    with torch.no_grad():  # non-trivial norm weights so a norm bug cannot hide
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model = model.to(getattr(torch, dtype))
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    return folder, model
+
+
+@pytest.fixture
+def hf_model_factory(tmp_path):
+    return lambda **kw: make_hf_model(tmp_path, **kw)

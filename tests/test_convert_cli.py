@@ -1,0 +1,50 @@
+"""The conversion CLI end to end: from-hf, to-hf (full and --exit), errors, tokenizer files."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+import soft_jax as sj
+from soft_jax.convert import main
+
+
+def test_cli_round_trip_with_exit_and_tokenizer(hf_model_factory, tmp_path):
+    folder, _ = hf_model_factory(layers=4)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    ckpt = tmp_path / "ckpt"
+    assert main(["from-hf", "--hf", str(folder), "--out", str(ckpt), "--exits", "2,3"]) == 0
+    assert (ckpt / "model_config.json").is_file() and (ckpt / "tokenizer").is_dir()
+    assert main(["to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "full")]) == 0
+    assert main(["to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "e2"), "--exit", "2",
+                 "--dtype", "bfloat16"]) == 0
+    assert (tmp_path / "e2" / "tokenizer_config.json").is_file()
+    cfg = json.loads((tmp_path / "e2" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["dtype"] == "bfloat16"
+    config, params = sj.load_hf(folder)
+    config2, params2 = sj.load_hf(tmp_path / "full")
+    ids = np.arange(10)[None] % config.vocab_size
+    np.testing.assert_array_equal(sj.exit_logits(config, params, ids)[4],
+                                  sj.exit_logits(config2, params2, ids)[4])
+
+
+def test_cli_errors_are_clear_and_write_nothing(hf_model_factory, tmp_path, capsys):
+    folder, _ = hf_model_factory(layers=3)
+    ckpt = tmp_path / "ckpt"
+    assert main(["from-hf", "--hf", str(folder), "--out", str(ckpt)]) == 0
+    assert main(["to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), "--exit", "7"]) == 2
+    assert "exit 7 is not a layer count" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert main(["from-hf", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "c2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["from-hf", "--hf", str(folder), "--out", str(ckpt)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert main(["to-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+    assert "not a soft_jax checkpoint" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "soft_jax.convert", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "from-hf" in r.stdout
