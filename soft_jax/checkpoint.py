@@ -120,3 +120,41 @@ def tokenizer_dir_of(path) -> Path | None:
         if candidate.is_dir():
             return candidate
     return None
+
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager for training: params, optimizer state and JSON metadata per step.
+
+    Orbax writes each step into a temporary folder and renames it when complete, so a crash
+    mid-save leaves the previous step as the latest restorable one.
+    """
+
+    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, meta: dict, force: bool = False) -> None:
+        """Start saving (async where enabled); `force` saves even off the usual interval."""
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, abstract_params, abstract_opt_state):
+        """(params, opt_state, meta) of `step`, shaped (and sharded) like the abstract trees."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            meta=ocp.args.JsonRestore()))
+        return out["params"], out["opt_state"], out["meta"]
+
+    def wait(self) -> None:
+        """Block until any async save has finished."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -264,6 +264,13 @@ def submodel(config: LlamaConfig, params: dict, exit_layer: int) -> tuple[LlamaC
 
 
 # ------------------------------------------------------------------------ public API
+def is_hf_folder(path) -> bool:
+    """True for a folder with a config.json and safetensors weights."""
+    p = Path(path)
+    return (p / "config.json").is_file() and any(
+        (p / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json"))
+
+
 def _resolve_hf_folder(path) -> Path:
     folder = Path(path)
     if folder.is_dir():

@@ -1,0 +1,347 @@
+"""Fine-tuning entrypoint: SoFT (all exits), SFT (last layer), ICT (per-exit heads on a frozen
+SFT model) and SortedNet (one random exit per step).
+
+    python -m soft_jax.train --config configs/tiny.py [--config.total_steps=100 ...]
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from soft_jax import data as data_lib
+from soft_jax.checkpoint import MODEL_CONFIG, TOKENIZER_DIR, TrainCheckpoints, load_params
+from soft_jax.config import LlamaConfig, normalize_exits, preset
+from soft_jax.convert import is_hf_folder, load_hf
+from soft_jax.loss import loss_fn
+from soft_jax.metrics import per_exit_metrics
+from soft_jax.model import init_params
+from soft_jax.tokenizer import load_tokenizer
+from soft_jax.train_config import validate
+
+
+def log(msg: str) -> None:
+    """Progress line from process 0 only."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+# ------------------------------------------------------------------------ data
+def build_data(cfg, workdir: Path):
+    """(tokenizer, train BatchStream, eval batches, stats) for a run; the tokenizer is saved."""
+    rows = data_lib.load_rows(cfg.data.source, cfg.data.split, cfg.data.subset or None)
+    if cfg.data.max_rows:
+        rows = rows[:cfg.data.max_rows]
+    tok_dir = workdir / TOKENIZER_DIR
+    if tok_dir.is_dir():
+        tokenizer = load_tokenizer(str(tok_dir))
+    else:
+        spec = cfg.data.tokenizer or cfg.model.init_from
+        if not spec:
+            raise ValueError("config.data.tokenizer is empty and config.model.init_from has no "
+                             "tokenizer to fall back on")
+        texts = (t for i, r in enumerate(rows) for t, _ in _safe_segments(cfg.data.format, r, i))
+        tokenizer = load_tokenizer(spec, texts)
+        if jax.process_index() == 0:
+            tokenizer.save_pretrained(tok_dir)
+    stats = data_lib.DataStats()
+    examples = data_lib.tokenize_rows(rows, cfg.data.format, tokenizer, cfg.data.seq_len,
+                                      cfg.data.on_bad_row, stats)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = data_lib.BatchStream(examples, cfg.data.seq_len, cfg.batch_size, cfg.seed,
+                                  pack=cfg.data.pack, pad_id=pad)
+    eval_batches = []
+    if cfg.data.eval_source:
+        eval_rows = data_lib.load_rows(cfg.data.eval_source, cfg.data.eval_split,
+                                       cfg.data.subset or None)
+        ev = data_lib.tokenize_rows(eval_rows, cfg.data.format, tokenizer, cfg.data.seq_len,
+                                    cfg.data.on_bad_row)
+        es = data_lib.BatchStream(ev, cfg.data.seq_len, cfg.batch_size, 0, pack=cfg.data.pack,
+                                  shuffle=False, pad_id=pad)
+        n = min(cfg.eval_batches, max(1, es.rows_per_epoch // cfg.batch_size))
+        eval_batches = [es.batch(k) for k in range(n)]
+    return tokenizer, stream, eval_batches, stats
+
+
+def _safe_segments(fmt, row, idx):
+    try:
+        return data_lib.FORMATS[fmt](row, idx)
+    except data_lib.DataError:
+        return []
+
+
+# ------------------------------------------------------------------------ model
+def build_model(cfg, vocab_size: int) -> tuple[LlamaConfig, dict]:
+    """Model config and initial params: random from a preset, a HF model, or a checkpoint."""
+    model_fields = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                        remat_policy=cfg.model.remat_policy)
+    src = cfg.model.init_from
+    if not src:
+        overrides = {k: v for k, v in cfg.model.overrides.items() if v or k != "vocab_size"}
+        overrides.setdefault("vocab_size", vocab_size)
+        config = preset(cfg.model.preset, **overrides, **model_fields)
+        params = None
+    elif is_hf_folder(src) or not Path(src).exists():  # a HF folder or hub name
+        config, params = load_hf(src, dtype=cfg.model.param_dtype)
+    else:
+        config, params = load_params(src)
+        params = jax.tree.map(lambda a: jnp.asarray(a, config.weight_dtype), params)
+    exits = normalize_exits(tuple(cfg.exits) or config.exits, config.num_layers)
+    weights = tuple(cfg.exit_weights) or None
+    config = config.replace(exits=exits, exit_weights=weights, **model_fields,
+                            num_exit_heads=len(exits) - 1 if cfg.mode == "ict" else 0)
+    if vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is "
+                         f"{config.vocab_size} (config.model / config.data.tokenizer)")
+    if params is None:
+        params = init_params(config, jax.random.PRNGKey(cfg.seed))
+    if cfg.mode == "ict" and "exit_heads" not in params:
+        from soft_jax.model import head_kernel
+
+        shared = head_kernel(config.replace(num_exit_heads=0), params, config.num_layers)
+        params = {**params, "exit_heads": {"kernel": jnp.stack([shared] * (len(exits) - 1))}}
+    return config, params
+
+
+def trainable_keys(params: dict, mode: str) -> tuple[str, ...]:
+    """Top-level param groups the optimizer updates (ICT: only the per-exit heads)."""
+    return ("exit_heads",) if mode == "ict" else tuple(sorted(params))
+
+
+def train_exits(config: LlamaConfig, mode: str) -> tuple[int, ...]:
+    """The exits whose loss drives training in this mode."""
+    return (config.num_layers,) if mode == "sft" else config.resolved_exits
+
+
+# ------------------------------------------------------------------------ optimizer/step
+def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up + cosine decay, global-norm clipping, no decay on norms."""
+    o = cfg.optimizer
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, max(1, o.warmup_steps), max(o.warmup_steps + 1, cfg.total_steps),
+        end_value=o.lr * o.min_lr_ratio)
+    decay_mask = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: not any("norm" in str(k) for k in path), p)
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=decay_mask))
+    return tx, schedule
+
+
+def make_train_step(config: LlamaConfig, cfg, tx, schedule, keys: tuple[str, ...]):
+    """The jitted step(state, batch) -> (state, metrics); state is donated."""
+    exits = train_exits(config, cfg.mode)
+    accum = int(cfg.grad_accum)
+
+    def loss_of(trainable, frozen, batch, rng):
+        loss, metrics = loss_fn(config, {**frozen, **trainable}, batch, exits,
+                                z_loss=cfg.loss.z_loss)
+        if cfg.mode == "sortednet":  # one sub-model per step, drawn uniformly
+            per_exit = jnp.stack([metrics[f"loss/exit_{e}"] for e in exits])
+            idx = jax.random.randint(rng, (), 0, len(exits))
+            loss = per_exit[idx]
+            metrics = {**metrics, "loss": loss, "sampled_exit": jnp.asarray(exits)[idx]}
+        return loss, metrics
+
+    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+    def step(state, batch):
+        params = state["params"]
+        trainable = {k: params[k] for k in keys}
+        frozen = {k: v for k, v in params.items() if k not in keys}
+        rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state["step"])
+        if accum == 1:
+            (_, metrics), grads = grad_fn(trainable, frozen, batch, rng)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+
+            def one(acc, mb):
+                (_, m), g = grad_fn(trainable, frozen, mb, rng)
+                return jax.tree.map(jnp.add, acc, (g, m)), None
+
+            zeros = jax.eval_shape(lambda: grad_fn(trainable, frozen,
+                                                   jax.tree.map(lambda x: x[0], micro), rng))
+            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+            (grads, metrics), _ = jax.lax.scan(one, init, micro)
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            metrics = jax.tree.map(lambda m: m / accum, metrics)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
+        return {"step": state["step"] + 1, "params": {**frozen, **trainable},
+                "opt_state": opt_state}, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+# ------------------------------------------------------------------------ loop
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: finish the step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _format_metrics(step, total, m, tok_s, exits) -> str:
+    per_exit = " ".join(f"{e}:{m[f'loss/exit_{e}']:.3f}" for e in exits if f"loss/exit_{e}" in m)
+    return (f"step {step}/{total} | loss {m['loss']:.4f} | exits {per_exit} | lr {m['lr']:.2e}"
+            f" | gnorm {m['grad_norm']:.2f} | {tok_s:,.0f} tok/s")
+
+
+def train(cfg, on_step=None) -> dict:
+    """Run (or resume) a training job described by `cfg`; returns a summary dict.
+
+    `on_step(step)` is called after every step (hooks for tests and custom logging).
+    """
+    validate(cfg)
+    workdir = Path(cfg.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
+    log(f"data: {stats.rows} rows, {stats.skipped} skipped, {stats.truncated} truncated to "
+        f"{cfg.data.seq_len} tokens ({stats.no_targets} of them left with no target), "
+        f"{stats.target_tokens} target tokens, {stream.rows_per_epoch} rows/epoch "
+        f"({'packed' if cfg.data.pack else 'padded'})")
+    ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
+                             cfg.async_checkpointing)
+    resume_step = ckpts.latest_step()
+    if resume_step is not None:
+        config = LlamaConfig.from_dict(json.loads((workdir / MODEL_CONFIG).read_text()))
+        params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    else:
+        config, params = build_model(cfg, len(tokenizer))
+        if jax.process_index() == 0:
+            (workdir / MODEL_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+            (workdir / "train_config.json").write_text(cfg.to_json_best_effort(indent=2))
+    tx, schedule = make_optimizer(cfg)
+    keys = trainable_keys(params, cfg.mode)
+    if resume_step is not None:
+        opt_abstract = jax.eval_shape(tx.init, {k: params[k] for k in keys})
+        params, opt_state, meta = ckpts.restore(resume_step, params, opt_abstract)
+        log(f"resumed from step {resume_step} ({meta.get('data_position')})")
+    else:
+        opt_state = tx.init({k: params[k] for k in keys})
+    state = {"step": jnp.asarray(resume_step or 0, jnp.int32), "params": params,
+             "opt_state": opt_state}
+    step_fn = make_train_step(config, cfg, tx, schedule, keys)
+    writer = _tensorboard(workdir)
+    exits = train_exits(config, cfg.mode)
+    step = int(resume_step or 0)
+    stop = _StopFlag()
+    tokens_per_step = cfg.batch_size * cfg.data.seq_len
+    t_last, steps_since, history = time.perf_counter(), 0, []
+
+    def save(step_now, force=False):
+        meta = {"step": step_now, "seed": cfg.seed, "data_position": stream.position(step_now),
+                "model": config.to_dict(), "mode": cfg.mode}
+        ckpts.save(step_now, state["params"], state["opt_state"], meta, force=force)
+
+    try:
+        while step < cfg.total_steps:
+            state, metrics = step_fn(state, stream.batch(step))
+            step += 1
+            steps_since += 1
+            if on_step is not None:
+                on_step(step)
+            if step % cfg.log_every == 0 or step == cfg.total_steps or stop.signum:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                tok_s = steps_since * tokens_per_step / (now - t_last)
+                t_last, steps_since = now, 0
+                m.update(step=step, tokens_per_s=tok_s, epoch=stream.epochs_at(step))
+                history.append(m)
+                log(_format_metrics(step, cfg.total_steps, m, tok_s, exits))
+                _write_metrics(workdir, writer, step, m)
+            if cfg.eval_every and step % cfg.eval_every == 0 and eval_batches:
+                _evaluate(config, state["params"], eval_batches, workdir, writer, step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                save(step)
+            if stop.signum:
+                if step % cfg.checkpoint_every and step != cfg.total_steps:
+                    save(step, force=True)
+                ckpts.wait()
+                log(f"signal {stop.signum}: checkpointed step {step}; rerun the same command "
+                    "to resume")
+                return {"status": "interrupted", "step": step, "workdir": str(workdir)}
+        ckpts.wait()
+        results = (_evaluate(config, state["params"], eval_batches, workdir, writer, step)
+                   if eval_batches else {})
+    finally:
+        stop.restore()
+        ckpts.close()
+        if writer is not None:
+            writer.close()
+    return {"status": "done", "step": step, "workdir": str(workdir), "history": history,
+            "eval": results, "config": config, "params": state["params"],
+            "data_stats": stats}
+
+
+def _tensorboard(workdir: Path):
+    if jax.process_index() != 0:
+        return None
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(workdir / "tb"))
+
+
+def _write_metrics(workdir: Path, writer, step: int, metrics: dict) -> None:
+    if jax.process_index() != 0:
+        return
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({k: float(v) for k, v in metrics.items()}) + "\n")
+    for k, v in metrics.items():
+        writer.add_scalar(f"train/{k}", v, step)
+    writer.flush()
+
+
+def _evaluate(config, params, batches, workdir: Path, writer, step: int) -> dict:
+    res = per_exit_metrics(config, params, batches)
+    log("eval " + " ".join(f"{e}: loss {r['loss']:.3f} acc {r['accuracy']:.3f}"
+                           for e, r in res.items()))
+    if writer is not None:
+        for e, r in res.items():
+            writer.add_scalar(f"eval/loss_exit_{e}", r["loss"], step)
+            writer.add_scalar(f"eval/accuracy_exit_{e}", r["accuracy"], step)
+        with open(workdir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **{str(e): r for e, r in res.items()}}) + "\n")
+    return res
+
+
+def main(argv) -> None:
+    """absl entry point: `--config` file plus `--config.field=value` overrides."""
+    del argv
+    from absl import logging
+
+    if not _FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
+    result = train(_FLAGS.config)
+    if result["status"] == "interrupted":
+        raise SystemExit(0)
+
+
+_FLAGS = None
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _FLAGS = flags.FLAGS
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
+                                    lock_config=True)
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,95 @@
+"""The training config schema: every field a run may set, with its default.
+
+Config files in configs/ start from `default_config()` and override; `validate` rejects
+fields the schema does not know, naming them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+MODES = ("soft", "sft", "ict", "sortednet")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All training fields with defaults (a tiny random model on the packaged GSM8K demo)."""
+    c = ml_collections.ConfigDict()
+    c.mode = "soft"  # soft | sft | ict | sortednet
+    c.exits = (2, 3, 4)  # 1-based layer counts; the last layer is always added
+    c.exit_weights = ()  # empty = equal weights (the paper's mean)
+    c.workdir = "runs/tiny"
+    c.total_steps = 60
+    c.checkpoint_every = 20
+    c.keep_checkpoints = 2
+    c.async_checkpointing = True
+    c.seed = 42
+    c.log_every = 10
+    c.eval_every = 0  # 0 = only at the end
+    c.eval_batches = 4
+
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny"  # a name in soft_jax.config.PRESETS (random init)
+    c.model.init_from = ""  # "" = random init; or a HF folder / hub name / soft_jax checkpoint
+    c.model.overrides = ml_collections.ConfigDict({"vocab_size": 0})  # 0 = tokenizer's size
+    c.model.param_dtype = "float32"  # master weights
+    c.model.dtype = "float32"  # compute dtype ("bfloat16" for mixed precision)
+    c.model.remat_policy = "none"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.format = "gsm8k"  # alpaca | gsm8k | triviaqa | chat | sharegpt | text
+    c.data.source = "gsm8k_demo:train"  # local .json/.jsonl/.parquet, hub name, or gsm8k_demo:*
+    c.data.subset = ""
+    c.data.split = "train"
+    c.data.eval_source = "gsm8k_demo:heldout"
+    c.data.eval_split = "test"
+    c.data.tokenizer = "bpe:1024"  # folder / hub name / gguf:FILE / bpe:N (trained on the data)
+    c.data.seq_len = 256
+    c.data.pack = True
+    c.data.on_bad_row = "error"  # error | skip
+    c.data.max_rows = 0  # 0 = all
+
+    c.batch_size = 8  # sequences per optimizer step (per micro-batch x grad_accum)
+    c.grad_accum = 1
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 3e-3
+    c.optimizer.warmup_steps = 6
+    c.optimizer.min_lr_ratio = 0.1
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.95
+    c.optimizer.eps = 1e-8
+    c.optimizer.grad_clip = 1.0
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.impl = "auto"  # auto | chunked | plain
+    c.loss.z_loss = 0.0
+    return c
+
+
+def _unknown(cfg, ref, prefix="") -> list[str]:
+    out = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in ref:
+            out.append(name)
+        elif isinstance(ref[key], ml_collections.ConfigDict) and key != "overrides":
+            out += _unknown(cfg[key], ref[key], name + ".")
+    return out
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming unknown fields or bad values."""
+    unknown = _unknown(cfg, default_config())
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}; see soft_jax/train_config.py")
+    if cfg.mode not in MODES:
+        raise ValueError(f"config.mode={cfg.mode!r}; expected one of {MODES}")
+    for name in ("total_steps", "batch_size", "grad_accum"):
+        if int(cfg[name]) < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
+    if cfg.batch_size % cfg.grad_accum:
+        raise ValueError(f"config.batch_size={cfg.batch_size} must be divisible by "
+                         f"config.grad_accum={cfg.grad_accum}")
+    if cfg.mode == "ict" and not cfg.model.init_from:
+        raise ValueError("config.mode='ict' needs config.model.init_from: an SFT checkpoint")
