@@ -1,0 +1,143 @@
+"""The eval config schema (ml_collections): every field with its default.
+
+Config files in configs/eval/ start from `default_config()` and override; `validate` rejects
+unknown fields, unknown tasks and bad values, naming the field.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+TASKS = ("loss", "gsm8k", "triviaqa", "generate", "sortedness", "pairwise")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All eval fields with defaults (the paper's generation limits)."""
+    c = ml_collections.ConfigDict()
+    c.name = "SoFT"  # label of the model in tables and figures
+    c.ckpt = ""  # soft_jax checkpoint, Orbax manager dir or training work dir
+    c.hf = ""  # or a Hugging Face LlamaForCausalLM folder (exactly one of ckpt / hf)
+    c.tokenizer = ""  # "" = saved with the checkpoint / inside the HF folder
+    c.dtype = "float32"  # parameter dtype when loading a HF folder
+    c.exits = ()  # 1-based layer counts; empty = the model config's exits (with the last layer)
+    c.out_dir = "runs/eval"
+    c.tasks = ("loss",)  # any of TASKS
+    c.batch_size = 8
+    c.seed = 0
+    c.max_prompt_tokens = 2048  # longer prompts keep their last tokens
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.source = "gsm8k_demo:heldout"  # anything data.load_rows reads
+    c.loss.split = "test"
+    c.loss.subset = ""
+    c.loss.format = "gsm8k"  # alpaca | gsm8k | triviaqa | chat | sharegpt | text
+    c.loss.seq_len = 512
+    c.loss.max_examples = 0  # 0 = all
+
+    c.gsm8k = ml_collections.ConfigDict()
+    c.gsm8k.source = "gsm8k_demo:heldout"
+    c.gsm8k.split = "test"
+    c.gsm8k.subset = ""
+    c.gsm8k.max_examples = 0
+    c.gsm8k.shots = (0, 8)  # 0 = zero-shot; k > 0 = k worked examples before the question
+    c.gsm8k.few_shot_source = "gsm8k_demo:train"  # exemplars: its first k rows
+    c.gsm8k.max_new_tokens = 256
+
+    c.triviaqa = ml_collections.ConfigDict()
+    c.triviaqa.source = "trivia_qa"  # hub name (network) or a local json/jsonl/parquet file
+    c.triviaqa.subset = "rc.nocontext"
+    c.triviaqa.split = "validation"
+    c.triviaqa.max_examples = 0
+    c.triviaqa.shots = 0
+    c.triviaqa.few_shot_source = ""  # "" = none; exemplars are its first k rows
+    c.triviaqa.max_new_tokens = 50  # the paper's limit
+
+    c.generate = ml_collections.ConfigDict()
+    c.generate.source = "gsm8k_demo:heldout"  # the instruction set (PandaLM's validation set
+    c.generate.split = "test"  # in the paper: an alpaca-format json of 170 instructions)
+    c.generate.subset = ""
+    c.generate.format = "gsm8k"
+    c.generate.max_examples = 0
+    c.generate.max_new_tokens = 256  # the paper's limit for PandaLM
+
+    c.second = ml_collections.ConfigDict()  # the other model for pairwise / sortedness
+    c.second.name = "SFT"
+    c.second.ckpt = ""
+    c.second.hf = ""
+    c.second.tokenizer = ""
+    c.second.exits = ()  # empty = the first model's exits (that exist in the second model)
+
+    c.pairwise = ml_collections.ConfigDict()
+    c.pairwise.judge = "rouge-l"  # "rouge-l" (offline, reference-based) | "hf:FOLDER" (PandaLM)
+    c.pairwise.judge_tokenizer = ""  # "" = the judge folder's tokenizer
+    c.pairwise.judge_max_new_tokens = 16
+    c.pairwise.judge_batch_size = 4
+    c.pairwise.a_generations = ""  # generations.jsonl of model A; "" = generate now
+    c.pairwise.b_generations = ""  # of model B; "" = generate with `second` (or model A)
+
+    c.sortedness = ml_collections.ConfigDict()
+    c.sortedness.source = "gsm8k_demo:heldout"
+    c.sortedness.split = "test"
+    c.sortedness.subset = ""
+    c.sortedness.format = "gsm8k"
+    c.sortedness.max_examples = 170  # the paper's sample count
+    c.sortedness.positions = 20  # response positions 0..19
+    c.sortedness.response = "reference"  # reference (the data's answer) | generated (greedy,
+    #                                        model A's last layer); the same tokens for all
+    return c
+
+
+def _unknown(cfg, ref, prefix="") -> list[str]:
+    out = []
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in ref:
+            out.append(name)
+        elif isinstance(ref[key], ml_collections.ConfigDict):
+            out += _unknown(cfg[key], ref[key], name + ".")
+    return out
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raise ValueError naming the first bad field (unknown fields and tasks included)."""
+    unknown = _unknown(cfg, default_config())
+    if unknown:
+        raise ValueError(f"unknown eval config field(s) {unknown}; see soft_jax/eval/config.py")
+    tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"config.tasks: unknown task(s) {bad or '(none given)'}; expected "
+                         f"some of {list(TASKS)}")
+    if bool(cfg.ckpt) == bool(cfg.hf):
+        raise ValueError("config.ckpt / config.hf: set exactly one (a soft_jax checkpoint or "
+                         "work dir, or a Hugging Face folder)")
+    if cfg.second.ckpt and cfg.second.hf:
+        raise ValueError("config.second.ckpt / config.second.hf: set at most one")
+    for name in ("batch_size", "max_prompt_tokens", "gsm8k.max_new_tokens",
+                 "triviaqa.max_new_tokens", "generate.max_new_tokens", "loss.seq_len",
+                 "sortedness.positions", "pairwise.judge_max_new_tokens",
+                 "pairwise.judge_batch_size"):
+        v = cfg
+        for part in name.split("."):
+            v = v[part]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config.{name} must be a positive int, got {v!r}")
+    for name in ("loss", "gsm8k", "triviaqa", "generate", "sortedness"):
+        v = cfg[name].max_examples
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"config.{name}.max_examples must be an int >= 0 (0 = all), "
+                             f"got {v!r}")
+    shots = cfg.gsm8k.shots
+    shots = [shots] if isinstance(shots, int) else list(shots)
+    if not shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in shots):
+        raise ValueError(f"config.gsm8k.shots must be ints >= 0 (0 = zero-shot), got {shots!r}")
+    if not isinstance(cfg.triviaqa.shots, int) or cfg.triviaqa.shots < 0:
+        raise ValueError(f"config.triviaqa.shots must be an int >= 0, got {cfg.triviaqa.shots!r}")
+    if cfg.triviaqa.shots and not cfg.triviaqa.few_shot_source:
+        raise ValueError("config.triviaqa.shots > 0 needs config.triviaqa.few_shot_source")
+    if cfg.sortedness.response not in ("reference", "generated"):
+        raise ValueError(f"config.sortedness.response={cfg.sortedness.response!r}; expected "
+                         "'reference' or 'generated'")
+    judge = cfg.pairwise.judge
+    if judge not in ("rouge-l",) and not judge.startswith("hf:"):
+        raise ValueError(f"config.pairwise.judge={judge!r}; expected 'rouge-l' or 'hf:FOLDER'")

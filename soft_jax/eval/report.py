@@ -1,0 +1,280 @@
+"""The human-readable side of an eval: report.md with per-exit tables and PNG figures
+(matplotlib, Agg backend) with labelled axes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9]+", "_", text).strip("_").lower()
+
+
+def _fmt(x, digits=3) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+# ------------------------------------------------------------------------------ figures
+def line_figure(path: Path, exits, series: dict[str, list[float]], ylabel: str, title: str,
+                ylim=None) -> Path:
+    """One line per series over the exits (x: exit layer count)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in series.items():
+        ax.plot(exits, ys, marker="o", label=label)
+    ax.set_xlabel("exit (number of layers)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_xticks(list(exits))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_figure(path: Path, exits, per_exit: dict, title: str) -> Path:
+    """Loss and perplexity per exit, side by side."""
+    plt = _plt()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    loss = [per_exit[str(e)]["loss"] for e in exits]
+    ppl = [per_exit[str(e)]["ppl"] for e in exits]
+    a1.plot(exits, loss, marker="o")
+    a1.set_ylabel("cross-entropy (nats / target token)")
+    a1.set_title("loss per exit")
+    a2.plot(exits, ppl, marker="o", color="tab:orange")
+    a2.set_ylabel("perplexity")
+    if max(ppl) > 20 * min(ppl):
+        a2.set_yscale("log")
+    else:
+        a2.ticklabel_format(axis="y", useOffset=False, style="plain")
+    a1.ticklabel_format(axis="y", useOffset=False, style="plain")
+    a2.set_title("perplexity per exit")
+    for ax in (a1, a2):
+        ax.set_xlabel("exit (number of layers)")
+        ax.set_xticks(list(exits))
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap(ax, values, row_labels, col_labels, cmap, cbar_label, vmin=None, vmax=None,
+            annotate=None):
+    """imshow with labelled ticks and a colorbar; `annotate[i][j]` strings drawn in cells."""
+    arr = np.asarray(values, float)
+    im = ax.imshow(np.ma.masked_invalid(arr), aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax)
+    ax.set_yticks(range(len(row_labels)), row_labels)
+    step = max(1, len(col_labels) // 10)
+    ax.set_xticks(range(0, len(col_labels), step), [col_labels[i] for i in
+                                                     range(0, len(col_labels), step)])
+    cb = ax.figure.colorbar(im, ax=ax)
+    cb.set_label(cbar_label)
+    if annotate is not None:
+        for i, row in enumerate(annotate):
+            for j, text in enumerate(row):
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black")
+    return im
+
+
+def sortedness_figure(path: Path, analysis: dict, title: str, kl_max: float | None = None,
+                      cos_min: float | None = None) -> Path:
+    """KL and cosine heat maps (exit x response position) of one analysis; pass the same
+    kl_max / cos_min to several figures to share their colour scales."""
+    plt = _plt()
+    has_cos = analysis.get("cos") is not None
+    fig, axes = plt.subplots(1, 2 if has_cos else 1, figsize=(12 if has_cos else 6.5, 4.2),
+                             squeeze=False)
+    rows = [f"layer {e}" for e in analysis["exits"]]
+    cols = [str(p) for p in range(analysis["positions"])]
+    ax = axes[0][0]
+    heatmap(ax, analysis["kl"], rows, cols, "viridis", "KL(p_ref || p_exit), nats", vmin=0,
+            vmax=kl_max)
+    ax.set_title("KL divergence from the reference")
+    if has_cos:
+        ax2 = axes[0][1]
+        heatmap(ax2, analysis["cos"], rows, cols, "magma", "cosine similarity", vmin=cos_min,
+                vmax=1)
+        ax2.set_title("cosine of normed hidden states")
+    for a in axes[0]:
+        a.set_xlabel("response position")
+        a.set_ylabel("exit (number of layers)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def pairwise_figure(path: Path, pw: dict) -> Path:
+    """Score heat map (rows: model A exits, cols: model B exits), cells annotated W/L/T."""
+    plt = _plt()
+    m = pw["matrix"]
+    rows, cols = m["rows"], m["cols"]
+    score = [[m["cells"][r][c]["score"] for c in cols] for r in rows]
+    notes = [[f"{m['cells'][r][c]['score']:+.2f}\n{m['cells'][r][c]['wins']:g}/"
+              f"{m['cells'][r][c]['losses']:g}/{m['cells'][r][c]['ties']:g}" for c in cols]
+             for r in rows]
+    fig, ax = plt.subplots(figsize=(1.3 * len(cols) + 3, 0.8 * len(rows) + 2.2))
+    heatmap(ax, score, [f"layer {r}" for r in rows], [f"layer {c}" for c in cols], "RdBu",
+            f"score = (W - L) / total, {pw['a']} vs {pw['b']}", vmin=-1, vmax=1, annotate=notes)
+    ax.set_xlabel(f"{pw['b']} exit")
+    ax.set_ylabel(f"{pw['a']} exit")
+    ax.set_title(f"pairwise: {pw['a']} (rows) vs {pw['b']} (cols), W/L/T per cell\n"
+                 f"judge: {pw['judge']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ markdown
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out: Path) -> Path:
+    """report.md (+ figures) from a results dict produced by runner.run_eval."""
+    out = Path(out)
+    exits = results["exits"]
+    m = results["model"]
+    md = [f"# Eval report: {m['name']}", "",
+          f"- model: {m['source']} ({m['num_layers']} layers, hidden {m['hidden_size']}, "
+          f"vocab {m['vocab_size']})",
+          f"- exits evaluated: {', '.join(map(str, exits))} (each exit = the first n layers "
+          f"+ the shared final norm + LM head)",
+          f"- tasks: {', '.join(results['tasks'])}; total time {results.get('seconds', 0)} s"]
+    if "second_model" in results:
+        s = results["second_model"]
+        md.append(f"- second model: {s['name']}: {s['source']} ({s['num_layers']} layers), "
+                  f"exits {', '.join(map(str, s['exits']))}")
+    md.append("")
+
+    if "loss" in results:
+        r = results["loss"]
+        cut = f", {r['truncated']} truncated to {r['seq_len']} tokens" if r.get("truncated") \
+            else ""
+        md += ["## Loss / perplexity per exit", "",
+               f"Data: `{r['source']}` ({r['format']} format, prompt tokens masked), "
+               f"{r['examples']} examples, {r['tokens']} target tokens{cut}.", "",
+               _table(["exit", "loss (nats/token)", "perplexity", "next-token accuracy"],
+                      [[str(e), _fmt(r["per_exit"][str(e)]["loss"], 4),
+                        _fmt(r["per_exit"][str(e)]["ppl"], 2),
+                        _fmt(r["per_exit"][str(e)]["accuracy"])] for e in exits]), ""]
+        loss_figure(out / "loss_per_exit.png", exits, r["per_exit"],
+                    f"{m['name']} on {r['source']}")
+        md += ["![loss per exit](loss_per_exit.png)", ""]
+
+    if "gsm8k" in results:
+        r = results["gsm8k"]
+        settings = list(r["per_setting"])
+        md += ["## GSM8K accuracy per exit", "",
+               f"Data: `{r['source']}`, {r['examples']} problems; greedy, at most "
+               f"{r['max_new_tokens']} new tokens; answer = number after `####`, else the last "
+               f"number (canonicalised); few-shot exemplars: the first k rows of "
+               f"`{r['few_shot_source']}`. Per-example outputs: `{r['predictions']}`.", "",
+               _table(["exit"] + [f"{s} accuracy" for s in settings],
+                      [[str(e)] + [f"{_fmt(r['per_setting'][s][str(e)]['accuracy'])} "
+                                   f"({r['per_setting'][s][str(e)]['correct']}/"
+                                   f"{r['per_setting'][s][str(e)]['total']})"
+                                   for s in settings] for e in exits]), ""]
+        line_figure(out / "gsm8k_accuracy.png", exits,
+                    {s: [r["per_setting"][s][str(e)]["accuracy"] for e in exits]
+                     for s in settings}, "accuracy", f"GSM8K accuracy per exit ({m['name']})",
+                    ylim=(0, 1))
+        md += ["![GSM8K accuracy](gsm8k_accuracy.png)", ""]
+
+    if "triviaqa" in results:
+        r = results["triviaqa"]
+        md += ["## TriviaQA exact match per exit", "",
+               f"Data: `{r['source']}`, {r['examples']} questions, {r['shots']}-shot; greedy, at "
+               f"most {r['max_new_tokens']} new tokens; prediction = first line of the output. "
+               "Case-sensitive EM (the paper's) and normalised EM (lowercase, punctuation and "
+               "articles removed), both against all aliases.", "",
+               _table(["exit", "EM case-sensitive (paper)", "EM normalised"],
+                      [[str(e), _fmt(r["per_exit"][str(e)]["em_case_sensitive"]),
+                        _fmt(r["per_exit"][str(e)]["em_normalized"])] for e in exits]), ""]
+        line_figure(out / "triviaqa_em.png", exits,
+                    {"EM case-sensitive": [r["per_exit"][str(e)]["em_case_sensitive"]
+                                           for e in exits],
+                     "EM normalised": [r["per_exit"][str(e)]["em_normalized"] for e in exits]},
+                    "exact match", f"TriviaQA EM per exit ({m['name']})", ylim=(0, 1))
+        md += ["![TriviaQA EM](triviaqa_em.png)", ""]
+
+    if "generate" in results:
+        r = results["generate"]
+        md += ["## Generation per exit", "",
+               f"Greedy generations for {r['examples']} prompts of `{r['source']}` "
+               f"({r['format']} format), at most {r['max_new_tokens']} new tokens, saved in "
+               f"`{r['file']}` (one JSON line per prompt and exit: prompt, exit, output).", "",
+               "First prompt's output per exit:", "",
+               _table(["exit", "output (first 120 characters)"],
+                      [[str(e), r["first_output_per_exit"][str(e)][:120].replace("\n", " ")
+                        .replace("|", "\\|")] for e in exits]), ""]
+
+    if "pairwise" in results:
+        r = results["pairwise"]
+        offline = "not PandaLM" in r["judge"]
+        md += ["## Pairwise comparison (PandaLM protocol)", "",
+               f"**Judge: {r['judge']}.**" + (" This is an offline stand-in, not a language "
+                                              "model judge: numbers are not comparable with "
+                                              "the paper's PandaLM numbers." if offline else ""),
+               "",
+               f"{r['examples']} instructions; every pair judged in both orders, each order "
+               f"counting half; cells are {r['a']}'s wins / losses / ties against {r['b']} "
+               "and (score = (W - L) / total). Matrix as JSON: `pairwise.json`.", "",
+               r["table_markdown"], ""]
+        pairwise_figure(out / "pairwise_score.png", r)
+        md += ["![pairwise score](pairwise_score.png)", ""]
+
+    if "sortedness" in results:
+        r = results["sortedness"]
+        md += ["## Sorted-ness analysis", "",
+               f"{r['sequences']} prompts of `{r['source']}`, response positions 0.."
+               f"{r['positions'] - 1}; {r['response_description']}. KL = {r['kl_definition']};"
+               f" cosine = {r['cos_definition']}. Averaged over the prompts whose response "
+               "reaches the position. Data: `sortedness.json`.", ""]
+        md += [f"- {n}" for n in r.get("notes", [])]
+        kls = [np.asarray(a["kl"], float) for a in r["analyses"].values()]
+        coss = [np.asarray(a["cos"], float) for a in r["analyses"].values()
+                if a.get("cos") is not None]
+        kl_max = max((float(np.nanmax(k)) for k in kls if np.isfinite(k).any()), default=None)
+        cos_min = min((float(np.nanmin(c)) for c in coss if np.isfinite(c).any()), default=None)
+        if len(r["analyses"]) > 1:
+            md += ["All sorted-ness heat maps share one KL and one cosine colour scale.", ""]
+        for name, a in r["analyses"].items():
+            fname = f"sortedness_{_slug(name)}.png"
+            sortedness_figure(out / fname, a, name, kl_max or None, cos_min)
+            kl = np.asarray(a["kl"], float)
+            cos = None if a.get("cos") is None else np.asarray(a["cos"], float)
+            md += [f"### {name}", "",
+                   _table(["exit", "mean KL over positions", "mean cosine over positions"],
+                          [[str(e), _fmt(float(np.nanmean(kl[i]))),
+                            "n/a" if cos is None else _fmt(float(np.nanmean(cos[i])))]
+                           for i, e in enumerate(a["exits"])]), "",
+                   f"![{name}]({fname})", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md) + "\n")
+    return path
