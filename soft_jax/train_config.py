@@ -64,6 +64,29 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict()
     c.loss.impl = "auto"  # auto | chunked | plain
     c.loss.z_loss = 0.0
+
+    # Device mesh (soft_jax/sharding.py): total axis sizes, one of them may be -1 = the rest.
+    # data: params replicated; fsdp: params / grads / optimizer state sharded (ZeRO-3);
+    # tensor: heads / MLP / vocab split. The batch is split over data x fsdp.
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.dcn_data = 1  # part of `data` that spans TPU slices / hosts (over DCN)
+    c.mesh.dcn_fsdp = 1  # part of `fsdp` that spans TPU slices / hosts (over DCN)
+    c.mesh.rules = ()  # overrides of sharding.RULES, e.g. (("activation_embed", "tensor"),)
+
+    # Multi-process runtime (soft_jax/distributed.py). Empty / -1 fields are read from
+    # SOFT_JAX_COORDINATOR / SOFT_JAX_NUM_PROCESSES / SOFT_JAX_PROCESS_ID, else detected
+    # (SLURM srun, Cloud TPU pod); a single process when nothing is found.
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.mode = "auto"  # auto | on (always jax.distributed.initialize()) | off
+    c.distributed.coordinator = ""  # host:port of process 0
+    c.distributed.num_processes = 0
+    c.distributed.process_id = -1
+    c.distributed.local_device_ids = ""  # e.g. "0,1,2,3"; "" = jax's default
+    c.distributed.cpu_collectives = "gloo"  # CPU cross-process collectives ("" = jax default)
+    c.distributed.initialization_timeout = 300
     return c
 
 
@@ -93,3 +116,55 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                          f"config.grad_accum={cfg.grad_accum}")
     if cfg.mode == "ict" and not cfg.model.init_from:
         raise ValueError("config.mode='ict' needs config.model.init_from: an SFT checkpoint")
+    for name in ("data", "fsdp", "tensor"):
+        if int(cfg.mesh[name]) < 1 and int(cfg.mesh[name]) != -1:
+            raise ValueError(f"config.mesh.{name}={cfg.mesh[name]}; expected a positive size "
+                             "or -1 (the rest of the devices)")
+    if cfg.distributed.mode not in ("auto", "on", "off"):
+        raise ValueError(f"config.distributed.mode={cfg.distributed.mode!r}; expected auto, on "
+                         "or off")
+
+
+PAPER_DATA = {  # task -> (format, hub source, subset, train split, eval split)
+    "alpaca": ("alpaca", "tatsu-lab/alpaca", "", "train", ""),
+    "gsm8k": ("gsm8k", "openai/gsm8k", "main", "train", "test"),
+    "triviaqa": ("triviaqa", "mandarjoshi/trivia_qa", "rc.nocontext", "train", "validation"),
+}
+PAPER_EXAMPLES = {"alpaca": 52002, "gsm8k": 7473, "triviaqa": 138384}
+
+
+def paper_recipe(task: str = "alpaca", mode: str = "soft") -> ml_collections.ConfigDict:
+    """The paper's setup: LLaMA-2 13B, exits 12..40 step 4, lr 2e-5 cosine, batch 32 (grad
+    accumulation 8), seq 2048, seed 42, 2 epochs (1 for the ICT heads)."""
+    c = default_config()
+    fmt, source, subset, split, eval_split = PAPER_DATA[task]
+    c.mode = mode
+    c.exits = tuple(range(12, 41, 4))
+    c.workdir = f"runs/llama2-13b-{task}-{mode}"
+    c.seed = 42
+    c.model.preset = "llama2-13b"
+    c.model.init_from = "meta-llama/Llama-2-13b-hf"
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    c.model.remat_policy = "save_dots"
+    c.data.format, c.data.source, c.data.subset, c.data.split = fmt, source, subset, split
+    c.data.eval_source = source if eval_split else ""
+    c.data.eval_split = eval_split
+    c.data.tokenizer = ""  # the model's own tokenizer
+    c.data.seq_len = 2048
+    c.data.pack = False  # one example per row, as in the paper
+    c.batch_size = 32
+    c.grad_accum = 8
+    epochs = 1 if mode == "ict" else 2
+    c.total_steps = epochs * -(-PAPER_EXAMPLES[task] // c.batch_size)
+    c.checkpoint_every = 500
+    c.log_every = 10
+    c.eval_every = 500
+    c.optimizer.lr = 2e-5
+    c.optimizer.warmup_steps = int(0.03 * c.total_steps)
+    c.optimizer.min_lr_ratio = 0.0
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b2 = 0.999
+    if mode == "ict":  # heads on top of the finished SFT run
+        c.model.init_from = f"runs/llama2-13b-{task}-sft"
+    return c

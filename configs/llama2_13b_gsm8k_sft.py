@@ -1,0 +1,7 @@
+"""The paper's recipe: LLaMA-2 13B, gsm8k, mode sft (see soft_jax.train_config.paper_recipe)."""
+
+from soft_jax.train_config import paper_recipe
+
+
+def get_config():
+    return paper_recipe("gsm8k", "sft")
