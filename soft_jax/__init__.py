@@ -4,6 +4,7 @@ from soft_jax.config import LlamaConfig, preset
 from soft_jax.convert import load_hf, save_hf
 from soft_jax.loss import exit_loss
 from soft_jax.model import exit_hidden_states, exit_logits, init_params
+from soft_jax.generate import generate  # the function shadows the module; -m still runs the CLI
 
 __all__ = ["LlamaConfig", "preset", "load_hf", "save_hf", "exit_loss", "exit_logits",
            "exit_hidden_states", "init_params"]
