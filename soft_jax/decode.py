@@ -88,7 +88,7 @@ def run_layers(config: LlamaConfig, params: dict, h: Array, cache: Cache, pad: A
 
 
 def head_index(config: LlamaConfig, params: dict, layer: int) -> int:
-    """Index of `layer` among the config's exits, for `exit_head` (any index if the head is shared)."""
+    """Index of `layer` among the config's exits for `exit_head` (any one if the head is shared)."""
     if "exit_heads" not in params or layer == config.num_layers:
         return len(config.resolved_exits) - 1
     if layer not in config.resolved_exits:
@@ -157,7 +157,7 @@ def _decode_step(config: LlamaConfig, params: dict, cache: Cache, tokens: Array,
 
 
 decode_step = jax.jit(_decode_step, static_argnames=("config",), donate_argnames=("cache",))
-decode_step.__doc__ = """One token per row [B] at `slot` through layers 1..stop; (logits [B, V], cache).
+decode_step.__doc__ = """One token per row [B] at `slot` through layers 1..stop -> (logits, cache).
 
 `head_idx` is head_index(config, params, stop)."""
 
@@ -203,6 +203,11 @@ def decode_loop(config: LlamaConfig, params: dict, cache: Cache, tokens: Array, 
 
     out, steps, _, _ = token_loop(step, cache, tokens, (), key, s, stop_ids, max_new, greedy)
     return out, steps
+
+
+def stop_array(stop_ids: set[int]) -> Array:
+    """Stop ids as a device array (never empty: -2 matches no token)."""
+    return jnp.asarray(sorted(stop_ids) or [-2], jnp.int32)
 
 
 def trim(row, stop_ids) -> list[int]:

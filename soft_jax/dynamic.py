@@ -22,7 +22,7 @@ import numpy as np
 
 from soft_jax.config import LlamaConfig
 from soft_jax.decode import (Cache, Sampling, cache_slots, exit_head, head_index, prefill,
-                             run_layers, token_loop)
+                             run_layers, stop_array, token_loop, trim)
 from soft_jax.layers import apply_rope, rms_norm, rope_tables
 from soft_jax.model import embed
 
@@ -42,11 +42,14 @@ def default_thresholds(config: LlamaConfig) -> dict[int, float]:
     """The paper's thresholds on this model's exits: exit e takes the threshold of the paper
     exit p whose relative depth p/40 is nearest to e/L (ties: the shallower, stricter one)."""
     n = config.num_layers
-    near = lambda e: min(PAPER_THRESHOLDS, key=lambda p: (abs(p / PAPER_LAYERS - e / n), p))  # noqa: E731
-    return {e: PAPER_THRESHOLDS[near(e)] for e in config.resolved_exits if e < n}
+    def nearest(e: int) -> int:
+        return min(PAPER_THRESHOLDS, key=lambda p: (abs(p / PAPER_LAYERS - e / n), p))
+
+    return {e: PAPER_THRESHOLDS[nearest(e)] for e in config.resolved_exits if e < n}
 
 
-def resolve_thresholds(config: LlamaConfig, thresholds) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def resolve_thresholds(config: LlamaConfig,
+                       thresholds) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """(exits ending with L, their thresholds) from None (paper), a float (every config exit),
     a dict {exit: threshold} (exactly those exits) or a sequence aligned with the config's
     non-final exits."""
@@ -179,15 +182,14 @@ def dynamic_generate(config: LlamaConfig, params: dict, prompt: list[int], max_n
                     jnp.zeros((1,), jnp.int32), slots)
     out, steps, catchup, idx, confs = dynamic_loop(
         config, params, cache, jnp.int32(prompt[-1]), jnp.int32(len(prompt) - 1),
-        jax.random.PRNGKey(seed), s, jnp.asarray(sorted(stop_ids) or [-2], jnp.int32), exits,
-        jnp.asarray(thr, jnp.float32), max_new, greedy, chunk, copy_kv)
-    out = np.asarray(out[0])
-    elapsed = time.perf_counter() - t0
-    n = int(np.sum(out >= 0))
+        jax.random.PRNGKey(seed), s, stop_array(stop_ids), exits, jnp.asarray(thr, jnp.float32),
+        max_new, greedy, chunk, copy_kv)
+    tokens = trim(np.asarray(out[0]), stop_ids)
+    elapsed, n = time.perf_counter() - t0, len(tokens)
     taken = [exits[i] for i in np.asarray(idx)[:n]]
     mean_exit = float(np.mean(taken)) if taken else 0.0
     stats = {"exits": taken, "exit_confidences": [float(c) for c in np.asarray(confs)[:n]],
              "mean_exit_layer": mean_exit, "layer_skip_rate": 1.0 - mean_exit / config.num_layers,
              "catchup_layer_passes": int(catchup), "thresholds": dict(zip(exits[:-1], thr[:-1])),
              "kv": "calm-copy" if copy_kv else "lazy-catch-up", "time_s": elapsed}
-    return [int(t) for t in out[:n]], stats
+    return tokens, stats

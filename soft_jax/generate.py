@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import cache_slots, decode_loop, head_index, prefill, sampling, trim
+from soft_jax.decode import (cache_slots, decode_loop, head_index, prefill, sampling,
+                             stop_array, trim)
 from soft_jax.dynamic import dynamic_generate
 from soft_jax.speculative import speculative_generate
 
@@ -33,7 +34,8 @@ class Generation:
 
 def _prompts(prompt_ids) -> list[list[int]]:
     arr = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids
-    if isinstance(arr, (list, tuple)) and arr and all(isinstance(t, (int, np.integer)) for t in arr):
+    if isinstance(arr, (list, tuple)) and arr and all(isinstance(t, (int, np.integer))
+                                                      for t in arr):
         arr = [arr]
     if not isinstance(arr, (list, tuple)) or not arr or any(
             not isinstance(p, (list, tuple)) or not p for p in arr):
@@ -45,7 +47,8 @@ def _prompts(prompt_ids) -> list[list[int]]:
 def _check_ids(config: LlamaConfig, prompts: list[list[int]]) -> None:
     bad = [t for p in prompts for t in p if not 0 <= t < config.vocab_size]
     if bad:
-        raise ValueError(f"prompt_ids {bad[:5]} are outside the vocabulary 0..{config.vocab_size - 1}")
+        raise ValueError(f"prompt_ids {bad[:5]} are outside the vocabulary "
+                         f"0..{config.vocab_size - 1}")
 
 
 def _layer_count(config: LlamaConfig, name: str, value, last_ok: bool) -> int:
@@ -74,9 +77,8 @@ def _plain(config, params, prompts, max_new, stop, s, greedy, stops, seed):
     t0 = time.perf_counter()
     cache = prefill(config, params, tokens[:, :-1], pad, cache_slots(p_len + max_new), stop)
     out, steps = decode_loop(config, params, cache, tokens[:, -1], pad, jnp.int32(p_len - 1),
-                             jax.random.PRNGKey(seed), s,
-                             jnp.asarray(sorted(stops) or [-2], jnp.int32), jnp.int32(stop), head,
-                             max_new, greedy)
+                             jax.random.PRNGKey(seed), s, stop_array(stops), jnp.int32(stop),
+                             head, max_new, greedy)
     out = np.asarray(out)
     return [trim(row, stops) for row in out], {"time_s": time.perf_counter() - t0,
                                                "steps": int(steps)}
@@ -176,7 +178,8 @@ def _parse_thresholds(text: str | None):
     try:
         return {int(k): float(v) for k, v in (kv.split(":") for kv in text.split(","))}
     except ValueError:
-        raise ValueError(f"--thresholds {text!r}: expected EXIT:PROB pairs like 8:0.9,12:0.8")
+        raise ValueError(f"--thresholds {text!r}: expected EXIT:PROB pairs like 8:0.9,12:0.8") \
+            from None
 
 
 def main(argv=None) -> int:

@@ -101,7 +101,7 @@ def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], m
                          draft_exit: int, k: int | None, s: Sampling, greedy: bool,
                          stop_ids: set[int], seed: int) -> tuple[list[int], dict]:
     """Generate for one prompt; `k=None` adapts K (start 4, +2 all accepted, else -1, min 1)."""
-    max_k = min(k or MAX_K, MAX_K)
+    max_k = k or MAX_K  # the cap applies to adaptive K only
     slots = cache_slots(len(prompt) + max_new + verify_rows(max_k))
     key, head_idx = jax.random.PRNGKey(seed), jnp.int32(head_index(config, params, draft_exit))
     t0 = time.perf_counter()

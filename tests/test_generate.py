@@ -158,7 +158,10 @@ def test_sampling_is_reproducible_per_seed():
 
 def test_filter_logits_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]]))
-    kept = lambda **kw: np.isfinite(decode.filter_logits(logits, decode.sampling(1.0, **kw)))[0]  # noqa: E731
+
+    def kept(**kw):
+        return np.isfinite(decode.filter_logits(logits, decode.sampling(1.0, **kw)))[0]
+
     assert kept().tolist() == [True] * 4
     assert kept(top_k=2).tolist() == [False, True, False, True]
     assert kept(top_p=0.7).tolist() == [False, True, False, True]  # 0.5 < 0.7, then 0.8
