@@ -235,10 +235,10 @@ def test_sortedness_kl_and_cosine_match_numpy(tiny):
     np.testing.assert_allclose(kl, want_kl / n, rtol=2e-3, atol=1e-6)
     np.testing.assert_allclose(cos, want_cos / n, rtol=1e-4, atol=1e-5)
     assert kl[0].mean() > 1e-4  # a real, non-trivial comparison
-    # across two models: exits of one against the other's last layer
+    # across two models: the exits of one against an exit of the other
     cfg2, params2 = _toy_model(tiny[2])
     cross = srt.compare_exits(cfg, params, seqs, exits, positions=P, batch_size=2,
-                              ref=(cfg2, params2, 3))
+                              ref=(cfg2, params2, 1))
     assert np.all(np.asarray(cross["kl"]) > 1e-4)
 
 
@@ -257,9 +257,14 @@ def _cfg(out, hf, **kw):
 
 def test_gsm8k_end_to_end_on_the_packaged_test_file(tiny, tmp_path):
     _, folder, _ = tiny
-    cfg = _cfg(tmp_path / "out", folder, tasks=("gsm8k",), gsm8k__source=str(GSM8K_FILE),
-               gsm8k__max_examples=3, gsm8k__shots=(0, 1), gsm8k__max_new_tokens=5)
+    cfg = _cfg(tmp_path / "out", folder, tasks=("gsm8k", "sortedness"),
+               gsm8k__source=str(GSM8K_FILE), gsm8k__max_examples=3, gsm8k__shots=(0, 1),
+               gsm8k__max_new_tokens=5, sortedness__response="generated",
+               sortedness__max_examples=3, sortedness__positions=5)
     res = run_eval(cfg)
+    s = res["sortedness"]
+    assert "greedy last-layer output" in s["response_description"] and s["sequences"] == 3
+    assert s["analyses"]["SoFT exits vs SoFT last layer"]["kl"] == [[0.0] * 5]
     assert res["exits"] == [3]  # a HF folder without exits: the last layer
     for setting in ("0-shot", "1-shot"):
         r = res["gsm8k"]["per_setting"][setting]["3"]
@@ -271,17 +276,30 @@ def test_gsm8k_end_to_end_on_the_packaged_test_file(tiny, tmp_path):
     assert (tmp_path / "out/gsm8k_accuracy.png").is_file()
 
 
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_fallback_greedy_loop_matches_soft_jax_generate(tiny):
+    from soft_jax.eval.runner import _fallback_generate
+    from soft_jax.generate import generate
+
+    cfg, params = _toy_model(tiny[1])
+    prompt = [1, 17, 42, 99, 7]
+    want = generate(cfg, params, [prompt], 4, exit_layer=1).tokens[0]
+    assert _fallback_generate(cfg, params, [prompt], 4, 1)[0] == list(want)
+
+
 def test_cli_end_to_end_with_two_models(tiny, tmp_path, capsys):
     _, soft, sft = tiny
-    out = tmp_path / "cli"
+    out, tqa = tmp_path / "cli", _trivia(tmp_path)
+    # one small TriviaQA-format file for every task: generate and triviaqa then share prompts
+    # (and compiled shapes); the packaged GSM8K file is exercised by the test above
     rc = main(["--hf", str(soft), "--second-hf", str(sft), "--exits", "1,3", "--out", str(out),
                "--tasks", "loss,generate,pairwise,sortedness,triviaqa",
                "--config.batch_size=4", "--config.max_prompt_tokens", "128",
-               "--config.loss.max_examples=3", "--config.loss.seq_len=320",
-               "--config.generate.source=gsm8k_demo:heldout", "--config.generate.max_examples=2",
-               "--config.generate.max_new_tokens=4", "--config.sortedness.max_examples=3",
-               "--config.sortedness.positions=6", f"--config.triviaqa.source={_trivia(tmp_path)}",
-               "--config.triviaqa.max_new_tokens=3"])
+               f"--config.loss.source={tqa}", "--config.loss.format=triviaqa",
+               f"--config.generate.source={tqa}", "--config.generate.format", "triviaqa",
+               "--config.generate.max_new_tokens=3", f"--config.sortedness.source={tqa}",
+               "--config.sortedness.format=triviaqa", "--config.sortedness.positions=6",
+               f"--config.triviaqa.source={tqa}", "--config.triviaqa.max_new_tokens=3"])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert res["exits"] == [1, 3] and set(res["loss"]["per_exit"]) == {"1", "3"}
@@ -289,6 +307,7 @@ def test_cli_end_to_end_with_two_models(tiny, tmp_path, capsys):
     assert set(res["triviaqa"]["per_exit"]["1"]) >= {"em_case_sensitive", "em_normalized"}
     gens = [json.loads(x) for x in (out / "generations.jsonl").open()]
     assert len(gens) == 4 and {"prompt", "exit", "output"} <= set(gens[0])
+    assert gens[0]["reference"] == "Paris" and gens[0]["instruction"].startswith("Which city")
     pair = json.loads((out / "pairwise.json").read_text())
     assert "not PandaLM" in pair["judge"] and pair["matrix"]["rows"] == ["1", "3"]
     s = res["sortedness"]["analyses"]

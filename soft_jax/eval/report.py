@@ -203,7 +203,7 @@ def write_report(results: dict, out: Path) -> Path:
         line_figure(out / "gsm8k_accuracy.png", exits,
                     {s: [r["per_setting"][s][str(e)]["accuracy"] for e in exits]
                      for s in settings}, "accuracy", f"GSM8K accuracy per exit ({m['name']})",
-                    ylim=(0, 1))
+                    ylim=(-0.02, 1.02))
         md += ["![GSM8K accuracy](gsm8k_accuracy.png)", ""]
 
     if "triviaqa" in results:
@@ -220,7 +220,7 @@ def write_report(results: dict, out: Path) -> Path:
                     {"EM case-sensitive": [r["per_exit"][str(e)]["em_case_sensitive"]
                                            for e in exits],
                      "EM normalised": [r["per_exit"][str(e)]["em_normalized"] for e in exits]},
-                    "exact match", f"TriviaQA EM per exit ({m['name']})", ylim=(0, 1))
+                    "exact match", f"TriviaQA EM per exit ({m['name']})", ylim=(-0.02, 1.02))
         md += ["![TriviaQA EM](triviaqa_em.png)", ""]
 
     if "generate" in results:

@@ -104,6 +104,15 @@ def resolve_exits(config: LlamaConfig, exits, field: str = "config.exits") -> tu
     return tuple(sorted(out))
 
 
+def check_heads(model: Model, exits, field: str) -> None:
+    """An ICT model (separate head per exit) can only be read at the exits it has heads for."""
+    if "exit_heads" in model.params:
+        bad = [e for e in exits if e not in model.config.resolved_exits]
+        if bad:
+            raise ValueError(f"{field}: {bad} have no head in this ICT model; its exits are "
+                             f"{list(model.config.resolved_exits)}")
+
+
 # ------------------------------------------------------------------------------ generation
 def encode_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
     """BOS + the prompt's tokens; prompts longer than max_tokens keep BOS and their end."""
@@ -114,20 +123,23 @@ def encode_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
 
 
 def _fallback_generate(config, params, prompts, max_new_tokens, exit_layer):
-    """Greedy decoding by full recomputation over `exit_logits` (used only when
-    soft_jax.generate is unavailable)."""
+    """Greedy decoding by full recomputation over `exit_logits`, one prompt at a time (used
+    only when soft_jax.generate is unavailable). The sequence is right-padded to its final
+    length so each prompt compiles once (causal attention ignores the padding)."""
     from soft_jax.model import exit_logits
 
     eos = config.eos_token_id
     stops = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
     out = []
     for p in prompts:
-        seq, new = list(p), []
-        for _ in range(max_new_tokens):
-            logits = exit_logits(config, params, np.asarray([seq]), exits=(exit_layer,))
-            tok = int(np.asarray(logits[exit_layer][0, -1]).argmax())
+        seq = np.zeros((1, len(p) + max_new_tokens), np.int32)
+        seq[0, :len(p)] = p
+        new = []
+        for i in range(max_new_tokens):
+            logits = exit_logits(config, params, seq, exits=(exit_layer,))[exit_layer]
+            tok = int(np.asarray(logits[0, len(p) + i - 1]).argmax())
             new.append(tok)
-            seq.append(tok)
+            seq[0, len(p) + i] = tok
             if tok in stops:
                 break
         out.append(new)
@@ -515,6 +527,7 @@ def run_eval(cfg) -> dict:
     t0 = time.perf_counter()
     model = load_model(cfg.ckpt, cfg.hf, cfg.tokenizer, cfg.dtype, cfg.name, "config")
     exits = resolve_exits(model.config, cfg.exits, "config.exits")
+    check_heads(model, exits, "config.exits")
     ctx: dict = {}
     if (cfg.second.ckpt or cfg.second.hf) and {"pairwise", "sortedness"} & set(tasks):
         second = load_model(cfg.second.ckpt, cfg.second.hf, cfg.second.tokenizer, cfg.dtype,
@@ -526,6 +539,7 @@ def run_eval(cfg) -> dict:
         else:
             ctx["second_exits"] = tuple(e for e in exits if e <= second.config.num_layers) \
                 or second.config.resolved_exits
+        check_heads(second, ctx["second_exits"], "config.second.exits")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log(f"{model.name}: {model.source} ({model.config.num_layers} layers), exits {exits}, "
