@@ -1,4 +1,17 @@
-"""The sorted multi-exit loss: (1/|exits|) * sum_exits CE_exit through the shared head."""
+"""The sorted multi-exit loss: (1/|exits|) * sum_exits CE_exit through the shared head.
+
+Two implementations, chosen by `loss_fn(..., impl=...)`:
+
+* ``"plain"``: `exit_loss_from_hidden`, float32 [B, T, V] logits per exit (autodiff keeps
+  all exits' logits for the backward pass: |E| x tokens x vocab x 4 bytes).
+* ``"chunked"``: `chunked_loss`, one [chunk, V] block of logits at a time, gradients formed
+  in the same pass (same FLOPs as plain); ``"chunked_recompute"`` recomputes the logits in the
+  backward pass instead (more FLOPs, exact for any cotangent of the per-exit sums).
+* ``"auto"`` (default): ``"chunked"`` when the logits of all exits would span more than two
+  chunks (|E| * B * T > 2 * chunk_tokens), ``"plain"`` otherwise (tiny batches, tests).
+  `chunk_tokens` defaults to `chunked_loss.default_chunk_tokens(vocab)`: 4096 on GPU/TPU and
+  256 on CPU for a 32k vocabulary.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +20,13 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from soft_jax.chunked_loss import chunked_exit_sums, default_chunk_tokens
 from soft_jax.config import LlamaConfig, normalize_exits
 from soft_jax.model import exit_hidden_states, head_logits
 
 Array = jax.Array
 IGNORE_INDEX = -100
+LOSS_IMPLS = ("auto", "plain", "chunked", "chunked_recompute")
 
 
 def batch_targets(batch: dict) -> tuple[Array, Array]:
@@ -81,14 +96,54 @@ def exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: A
     return combine_exit_losses(config, exits, jnp.stack(sums), m.sum(), jnp.stack(zs), z_loss)
 
 
+def resolve_loss_impl(impl: str, n_exits: int, n_tokens: int, chunk_tokens: int | None = None,
+                      vocab_size: int = 32000) -> str:
+    """The concrete implementation `impl` means for |E| exits of `n_tokens` (= B*T) tokens."""
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"loss impl {impl!r}; expected one of {LOSS_IMPLS}")
+    if impl != "auto":
+        return impl
+    chunk = chunk_tokens or default_chunk_tokens(vocab_size)
+    return "chunked" if n_exits * n_tokens > 2 * chunk else "plain"
+
+
+def chunked_exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: Array,
+                                  mask: Array, exits: tuple[int, ...], z_loss: float = 0.0,
+                                  chunk_tokens: int | None = None, recompute: bool = False
+                                  ) -> tuple[Array, dict]:
+    """Same loss and metrics as `exit_loss_from_hidden`, never holding more than one chunk
+    of logits (see soft_jax/chunked_loss.py)."""
+    m = mask.astype(jnp.float32)
+    count = m.sum()
+    if recompute:
+        _, ce, z = chunked_exit_sums(config, params, hidden, targets, m, exits,
+                                     chunk_tokens=chunk_tokens)
+        return combine_exit_losses(config, exits, ce, count, z, z_loss)
+    coef = exit_weights(config, exits) / jnp.maximum(count, 1.0)
+    zcoef = coef * z_loss if z_loss else jnp.zeros_like(coef)
+    loss, ce, z = chunked_exit_sums(config, params, hidden, targets, m, exits,
+                                    chunk_tokens=chunk_tokens, coef=coef, zcoef=zcoef)
+    _, metrics = combine_exit_losses(config, exits, ce, count, z, z_loss)
+    return loss, metrics
+
+
 def loss_fn(config: LlamaConfig, params, batch: dict, exits: tuple[int, ...] | None = None,
-            z_loss: float = 0.0) -> tuple[Array, dict]:
-    """The multi-exit training loss for one batch (not jitted; call inside your step)."""
+            z_loss: float = 0.0, impl: str = "auto", chunk_tokens: int | None = None
+            ) -> tuple[Array, dict]:
+    """The multi-exit training loss for one batch (not jitted; call inside your step).
+
+    `impl`: "auto" | "plain" | "chunked" | "chunked_recompute" (see the module docstring);
+    `chunk_tokens`: tokens per chunk of the chunked loss (default: `default_chunk_tokens`).
+    """
     exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
     targets, mask = batch_targets(batch)
     hidden = exit_hidden_states(config, params, jnp.asarray(batch["input_ids"], jnp.int32),
                                 batch.get("positions"), batch.get("segment_ids"), exits)
-    return exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss)
+    impl = resolve_loss_impl(impl, len(exits), targets.size, chunk_tokens, config.vocab_size)
+    if impl == "plain":
+        return exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss)
+    return chunked_exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss,
+                                         chunk_tokens, recompute=impl == "chunked_recompute")
 
 
 @partial(jax.jit, static_argnames=("config", "exits"))
