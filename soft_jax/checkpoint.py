@@ -96,18 +96,35 @@ def read_model_config(ckpt: Path) -> LlamaConfig:
     raise FileNotFoundError(f"no {MODEL_CONFIG} found for checkpoint {str(ckpt)!r}")
 
 
-def load_params(path, shardings=None) -> tuple[LlamaConfig, dict]:
-    """(config, params) from any checkpoint layout; `shardings` places them on a mesh."""
+def load_params(path, shardings=None, *, mesh=None, rules=None, dtype=None
+                ) -> tuple[LlamaConfig, dict]:
+    """(config, params) from any checkpoint layout.
+
+    `shardings` (a tree matching the params) places them on a mesh; or give `mesh` (and
+    optionally `rules`, default `sharding.RULES`) and each leaf is sharded by its logical
+    axes. Either way every process reads only its own shards, whatever mesh wrote the
+    checkpoint (restore 8-way fsdp onto fsdp x tensor, or onto one device for conversion).
+    `dtype` (e.g. "float32") casts on restore.
+    """
     ckpt = resolve_checkpoint(path)
     config = read_model_config(ckpt)
     with ocp.StandardCheckpointer() as ckptr:
-        if shardings is None:
+        if shardings is None and mesh is None and dtype is None:
             params = ckptr.restore(ckpt / "params")
         else:
             meta = ckptr.metadata(ckpt / "params")
             tree = getattr(meta, "item_metadata", meta)
+            tree = getattr(tree, "tree", tree)
+            if shardings is None and mesh is not None:
+                from soft_jax import sharding as shd
+
+                shardings = shd.tree_shardings(tree, mesh, rules or shd.RULES)
+            if shardings is None:  # only a cast: the default device
+                shardings = jax.tree.map(
+                    lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]), tree)
             target = jax.tree.map(
-                lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), tree, shardings)
+                lambda m, s: jax.ShapeDtypeStruct(m.shape, dtype or m.dtype, sharding=s), tree,
+                shardings)
             params = ckptr.restore(ckpt / "params", target)
     return config, params
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from soft_jax.config import LlamaConfig, normalize_exits
 from soft_jax.layers import DecoderLayer, rms_norm, rope_tables
+from soft_jax.sharding import RESIDUAL_AXES, constrain
 
 Array = jax.Array
 Params = dict
@@ -76,7 +77,7 @@ def _layer_fn(config: LlamaConfig):
     layer = DecoderLayer(config)
 
     def apply(p, h, cos, sin, mask):
-        return layer.apply({"params": p}, h, cos, sin, mask)[0]
+        return constrain(layer.apply({"params": p}, h, cos, sin, mask)[0], RESIDUAL_AXES)
 
     if config.remat_policy == "none":
         return apply
@@ -110,14 +111,19 @@ def run_stack(config: LlamaConfig, layers: Params, h: Array, cos: Array, sin: Ar
         h = layer(p, h, cos, sin, mask)
         return (h, jax.lax.dynamic_update_index_in_dim(buf, h, slot, 0)), None
 
-    buf = jnp.zeros((len(exits),) + h.shape, h.dtype)
+    buf = constrain(jnp.zeros((len(exits),) + h.shape, h.dtype),
+                    ("activation_exits",) + RESIDUAL_AXES)
     slots = jnp.asarray(_exit_slots(exits, config.num_layers))
     return jax.lax.scan(body, (h, buf), (layers, slots))[0][1]
 
 
 def embed(config: LlamaConfig, params: Params, input_ids: Array) -> Array:
     """Token embeddings in the compute dtype."""
-    return jnp.take(params["embed"]["embedding"], input_ids, axis=0).astype(config.compute_dtype)
+    # Under sharding rules (identity otherwise): gather the table's fsdp shards first, as for
+    # any FSDP weight, so the lookup is a vocab-parallel gather, not a full rematerialisation.
+    table = constrain(params["embed"]["embedding"], ("vocab", None))
+    h = jnp.take(table, input_ids, axis=0).astype(config.compute_dtype)
+    return constrain(h, RESIDUAL_AXES)
 
 
 def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,

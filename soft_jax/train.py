@@ -10,6 +10,7 @@ import json
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ import numpy as np
 import optax
 
 from soft_jax import data as data_lib
+from soft_jax import distributed
+from soft_jax import sharding as shd
 from soft_jax.checkpoint import MODEL_CONFIG, TOKENIZER_DIR, TrainCheckpoints, load_params
 from soft_jax.config import LlamaConfig, normalize_exits, preset
 from soft_jax.convert import is_hf_folder, load_hf
@@ -40,17 +43,23 @@ def build_data(cfg, workdir: Path):
     if cfg.data.max_rows:
         rows = rows[:cfg.data.max_rows]
     tok_dir = workdir / TOKENIZER_DIR
-    if tok_dir.is_dir():
+    existed = tok_dir.is_dir()
+    distributed.barrier("soft_jax:tokenizer-checked")  # all look before process 0 writes
+    if existed:
         tokenizer = load_tokenizer(str(tok_dir))
     else:
         spec = cfg.data.tokenizer or cfg.model.init_from
         if not spec:
             raise ValueError("config.data.tokenizer is empty and config.model.init_from has no "
                              "tokenizer to fall back on")
-        texts = (t for i, r in enumerate(rows) for t, _ in _safe_segments(cfg.data.format, r, i))
-        tokenizer = load_tokenizer(spec, texts)
         if jax.process_index() == 0:
+            texts = (t for i, r in enumerate(rows)
+                     for t, _ in _safe_segments(cfg.data.format, r, i))
+            tokenizer = load_tokenizer(spec, texts)
             tokenizer.save_pretrained(tok_dir)
+        distributed.barrier("soft_jax:tokenizer-saved")
+        if jax.process_index() != 0:  # every process tokenises with the very same files
+            tokenizer = load_tokenizer(str(tok_dir))
     stats = data_lib.DataStats()
     examples = data_lib.tokenize_rows(rows, cfg.data.format, tokenizer, cfg.data.seq_len,
                                       cfg.data.on_bad_row, stats)
@@ -78,8 +87,13 @@ def _safe_segments(fmt, row, idx):
 
 
 # ------------------------------------------------------------------------ model
-def build_model(cfg, vocab_size: int) -> tuple[LlamaConfig, dict]:
-    """Model config and initial params: random from a preset, a HF model, or a checkpoint."""
+def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[LlamaConfig, dict]:
+    """Model config and initial params: random from a preset, a HF model, or a checkpoint.
+
+    With a `mesh`, the params come back sharded by the logical-axis rules: random init runs
+    under jit straight into its shards (a 13B model never sits whole on one device),
+    checkpoints restore shard by shard, and HF weights are cut into shards on the host.
+    """
     model_fields = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
                         remat_policy=cfg.model.remat_policy)
     src = cfg.model.init_from
@@ -90,6 +104,9 @@ def build_model(cfg, vocab_size: int) -> tuple[LlamaConfig, dict]:
         params = None
     elif is_hf_folder(src) or not Path(src).exists():  # a HF folder or hub name
         config, params = load_hf(src, dtype=cfg.model.param_dtype)
+    elif mesh is not None:
+        config, params = load_params(src, mesh=mesh, rules=rules,
+                                     dtype=cfg.model.param_dtype)
     else:
         config, params = load_params(src)
         params = jax.tree.map(lambda a: jnp.asarray(a, config.weight_dtype), params)
@@ -100,13 +117,20 @@ def build_model(cfg, vocab_size: int) -> tuple[LlamaConfig, dict]:
     if vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size} (config.model / config.data.tokenizer)")
-    if params is None:
+    if params is None and mesh is not None and mesh.size > 1:
+        init = lambda key: init_params(config, key)  # noqa: E731
+        key = jax.random.PRNGKey(cfg.seed)
+        shardings = shd.tree_shardings(jax.eval_shape(init, key), mesh, rules)
+        params = jax.jit(init, out_shardings=shardings)(key)
+    elif params is None:
         params = init_params(config, jax.random.PRNGKey(cfg.seed))
     if cfg.mode == "ict" and "exit_heads" not in params:
         from soft_jax.model import head_kernel
 
         shared = head_kernel(config.replace(num_exit_heads=0), params, config.num_layers)
         params = {**params, "exit_heads": {"kernel": jnp.stack([shared] * (len(exits) - 1))}}
+    if mesh is not None:
+        params = shd.place(params, shd.tree_shardings(params, mesh, rules))
     return config, params
 
 
@@ -136,10 +160,51 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return tx, schedule
 
 
-def make_train_step(config: LlamaConfig, cfg, tx, schedule, keys: tuple[str, ...]):
-    """The jitted step(state, batch) -> (state, metrics); state is donated."""
+class Partitioning(NamedTuple):
+    """How a run is laid out on its mesh: state and batch shardings, activation rules."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    state: dict  # {'step', 'params', 'opt_state'} -> NamedSharding trees
+    batch: jax.sharding.NamedSharding  # every [batch, seq] input
+
+    @property
+    def replicated(self):
+        return shd.replicated(self.mesh)
+
+
+def abstract_state(config: LlamaConfig, tx, keys: tuple[str, ...], params=None) -> dict:
+    """ShapeDtypeStructs of the train state (no device memory touched)."""
+    if params is None:
+        params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    opt = jax.eval_shape(tx.init, {k: params[k] for k in keys})
+    return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt}
+
+
+def make_partitioning(mesh, rules, state_abstract: dict, batch_size: int,
+                      seq_len: int) -> Partitioning:
+    """Shardings from the logical-axis rules: params and optimizer moments alike (FSDP over
+    `fsdp`, tensor parallel over `tensor`, replicated over `data`), scalars replicated."""
+    state = {"step": shd.replicated(mesh),
+             "params": shd.tree_shardings(state_abstract["params"], mesh, rules),
+             "opt_state": shd.tree_shardings(state_abstract["opt_state"], mesh, rules)}
+    return Partitioning(mesh, tuple(rules), state,
+                        shd.batch_sharding(mesh, batch_size, seq_len, rules))
+
+
+def make_train_step(config: LlamaConfig, cfg, tx, schedule, keys: tuple[str, ...],
+                    partitioning: Partitioning | None = None):
+    """The jitted step(state, batch) -> (state, metrics); state is donated.
+
+    With `partitioning`, the step is jitted with its state / batch in- and out-shardings and
+    traced under the activation rules (the residual stream is pinned to batch x data/fsdp);
+    without, it is a plain single-device jit.
+    """
     exits = train_exits(config, cfg.mode)
     accum = int(cfg.grad_accum)
+    mesh = partitioning.mesh if partitioning is not None else None
+    rules = partitioning.rules if partitioning is not None else shd.RULES
 
     def loss_of(trainable, frozen, batch, rng):
         loss, metrics = loss_fn(config, {**frozen, **trainable}, batch, exits,
@@ -161,7 +226,8 @@ def make_train_step(config: LlamaConfig, cfg, tx, schedule, keys: tuple[str, ...
         if accum == 1:
             (_, metrics), grads = grad_fn(trainable, frozen, batch, rng)
         else:
-            micro = jax.tree.map(lambda x: x.reshape((accum, -1) + x.shape[1:]), batch)
+            micro = jax.tree.map(lambda x: shd.constrain(
+                x.reshape((accum, -1) + x.shape[1:]), (None,) + shd.BATCH_AXES), batch)
 
             def one(acc, mb):
                 (_, m), g = grad_fn(trainable, frozen, mb, rng)
@@ -179,7 +245,16 @@ def make_train_step(config: LlamaConfig, cfg, tx, schedule, keys: tuple[str, ...
         return {"step": state["step"] + 1, "params": {**frozen, **trainable},
                 "opt_state": opt_state}, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if partitioning is None:
+        return jax.jit(step, donate_argnums=0)
+
+    def sharded_step(state, batch):
+        with shd.activation_rules(mesh, rules):
+            return step(state, batch)
+
+    return jax.jit(sharded_step, donate_argnums=0,
+                   in_shardings=(partitioning.state, partitioning.batch),
+                   out_shardings=(partitioning.state, partitioning.replicated))
 
 
 # ------------------------------------------------------------------------ loop
@@ -208,8 +283,23 @@ def train(cfg, on_step=None) -> dict:
     """Run (or resume) a training job described by `cfg`; returns a summary dict.
 
     `on_step(step)` is called after every step (hooks for tests and custom logging).
+
+    Multi-process: every process runs this same function (see soft_jax/distributed.py for how
+    the runtime is found); each builds only its own rows of every global batch, all of them
+    write and read the checkpoints, process 0 alone logs and writes the metrics files.
     """
     validate(cfg)
+    distributed.initialize(cfg.distributed)  # before anything touches a jax backend
+    mesh = shd.build_mesh(cfg.mesh)
+    rules = shd.make_rules(cfg.mesh.rules)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % dp:
+        raise ValueError(f"config.batch_size={cfg.batch_size} must be divisible by mesh "
+                         f"data x fsdp = {dp} ({shd.describe(mesh)})")
+    if (cfg.batch_size // cfg.grad_accum) % dp:
+        log(f"warning: micro-batches of {cfg.batch_size // cfg.grad_accum} rows do not split "
+            f"over data x fsdp = {dp}: each is replicated (every device computes every row); "
+            "lower grad_accum or raise batch_size")
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
@@ -222,23 +312,38 @@ def train(cfg, on_step=None) -> dict:
     resume_step = ckpts.latest_step()
     if resume_step is not None:
         config = LlamaConfig.from_dict(json.loads((workdir / MODEL_CONFIG).read_text()))
-        params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+        params = None
     else:
-        config, params = build_model(cfg, len(tokenizer))
+        config, params = build_model(cfg, len(tokenizer), mesh, rules)
         if jax.process_index() == 0:
             (workdir / MODEL_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
             (workdir / "train_config.json").write_text(cfg.to_json_best_effort(indent=2))
     tx, schedule = make_optimizer(cfg)
-    keys = trainable_keys(params, cfg.mode)
-    if resume_step is not None:
-        opt_abstract = jax.eval_shape(tx.init, {k: params[k] for k in keys})
-        params, opt_state, meta = ckpts.restore(resume_step, params, opt_abstract)
+    params_abstract = params if params is not None else jax.eval_shape(
+        lambda: init_params(config, jax.random.PRNGKey(0)))
+    keys = trainable_keys(params_abstract, cfg.mode)
+    abstract = abstract_state(config, tx, keys, params_abstract)
+    part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len)
+    if resume_step is not None:  # restored straight into this mesh's shards, whatever the
+        target = jax.tree.map(  # mesh that wrote the checkpoint
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+            part.state)
+        params, opt_state, meta = ckpts.restore(resume_step, target["params"],
+                                                target["opt_state"])
         log(f"resumed from step {resume_step} ({meta.get('data_position')})")
     else:
-        opt_state = tx.init({k: params[k] for k in keys})
-    state = {"step": jnp.asarray(resume_step or 0, jnp.int32), "params": params,
-             "opt_state": opt_state}
-    step_fn = make_train_step(config, cfg, tx, schedule, keys)
+        opt_state = jax.jit(tx.init, out_shardings=part.state["opt_state"])(
+            {k: params[k] for k in keys})
+    state = {"step": jax.device_put(jnp.asarray(resume_step or 0, jnp.int32),
+                                    part.state["step"]),
+             "params": params, "opt_state": opt_state}
+    step_fn = make_train_step(config, cfg, tx, schedule, keys, part)
+    rows = shd.process_rows(part.batch, cfg.batch_size)
+    log(f"mesh {shd.describe(mesh)} over {jax.device_count()} devices in "
+        f"{jax.process_count()} process(es); process 0 feeds batch rows {rows}")
+    if jax.process_count() > 1 and eval_batches:  # global (replicated) arrays for eval
+        eval_batches = [shd.place(b, jax.tree.map(lambda _: part.replicated, b))
+                        for b in eval_batches]
     writer = _tensorboard(workdir)
     exits = train_exits(config, cfg.mode)
     step = int(resume_step or 0)
@@ -253,11 +358,15 @@ def train(cfg, on_step=None) -> dict:
 
     try:
         while step < cfg.total_steps:
-            state, metrics = step_fn(state, stream.batch(step))
+            batch = shd.global_batch(lambda lo, hi, k=step: batch_rows(stream, k, lo, hi),
+                                     part.batch, cfg.batch_size)
+            state, metrics = step_fn(state, batch)
             step += 1
             steps_since += 1
             if on_step is not None:
                 on_step(step)
+            if jax.process_count() > 1:  # a signal on any host stops every host at this step
+                stop.signum = _agree_on_signal(stop.signum)
             if step % cfg.log_every == 0 or step == cfg.total_steps or stop.signum:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
@@ -277,7 +386,8 @@ def train(cfg, on_step=None) -> dict:
                 ckpts.wait()
                 log(f"signal {stop.signum}: checkpointed step {step}; rerun the same command "
                     "to resume")
-                return {"status": "interrupted", "step": step, "workdir": str(workdir)}
+                return {"status": "interrupted", "step": step, "workdir": str(workdir),
+                        "history": history, "mesh": shd.describe(mesh), "batch_rows": rows}
         ckpts.wait()
         results = (_evaluate(config, state["params"], eval_batches, workdir, writer, step)
                    if eval_batches else {})
@@ -288,7 +398,28 @@ def train(cfg, on_step=None) -> dict:
             writer.close()
     return {"status": "done", "step": step, "workdir": str(workdir), "history": history,
             "eval": results, "config": config, "params": state["params"],
-            "data_stats": stats}
+            "data_stats": stats, "mesh": shd.describe(mesh), "batch_rows": rows}
+
+
+def batch_rows(stream: data_lib.BatchStream, k: int, lo: int, hi: int) -> dict:
+    """Rows [lo, hi) of global batch k (what `stream.batch(k)[key][lo:hi]` holds), built
+    without the other rows: one process's part of the batch."""
+    if (lo, hi) == (0, stream.batch_size):
+        return stream.batch(k)
+    rows = []
+    for g in range(k * stream.batch_size + lo, k * stream.batch_size + hi):
+        e, r = divmod(g, stream.rows_per_epoch)
+        rows.append({key: v[r] for key, v in stream._epoch(e).items()})
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def _agree_on_signal(signum):
+    """The first signal number any process got (0 / None when none did)."""
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(np.asarray(signum or 0, np.int32))
+    nz = [int(x) for x in np.ravel(got) if x]
+    return nz[0] if nz else None
 
 
 def _tensorboard(workdir: Path):
