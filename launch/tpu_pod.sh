@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Cloud TPU pod launcher for soft_jax (gcloud TPU VMs): optionally create the TPU, copy this
+# repository to every host, install it, and start the same command on every host at once
+# (`gcloud compute tpus tpu-vm ssh --worker=all`). On a pod, jax.distributed.initialize()
+# finds the coordinator (worker 0) and each host's process id from the TPU metadata;
+# SOFT_JAX_DISTRIBUTED=1 makes soft_jax call it (soft_jax/distributed.py).
+# With --num-slices N > 1 (multi-slice over DCN) the slices are created as one queued
+# resource NAME with nodes NAME-0..NAME-(N-1); add e.g. --config.mesh.dcn_data=N to the
+# command so the data axis spans the slices.
+# The work dir must be storage every host sees (a gcsfuse / Filestore mount): every host
+# writes its shards of each checkpoint there.
+#
+# Usage:
+#   launch/tpu_pod.sh --name NAME --zone ZONE [options] -- python -m soft_jax.train --config X
+# Options:
+#   --project P            gcloud project (default: gcloud's configured one)
+#   --create               create the TPU VM first (needs --accelerator and --version)
+#   --accelerator TYPE     e.g. v5p-32, v4-64, v5litepod-16 (default v5p-32)
+#   --version V            TPU software version (default tpu-ubuntu2204-base)
+#   --num-slices N         multi-slice: N slices as one queued resource (default 1)
+#   --spot                 create as spot capacity
+#   --no-install           skip copying and installing the code
+#   --remote-dir DIR       where the code goes on each host (default soft_jax)
+#   --pip 'SPEC'           extra pip requirement installed with the package
+#                          (default 'jax[tpu]')
+#   --dry-run              print every gcloud command exactly, run nothing
+set -euo pipefail
+
+name=""
+zone=""
+project=""
+create=0
+accelerator="v5p-32"
+version="tpu-ubuntu2204-base"
+num_slices=1
+spot=0
+install=1
+remote_dir="soft_jax"
+pip_spec="jax[tpu]"
+dry_run=0
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# quote one word for a POSIX shell, readably: as is when safe, else in single quotes
+q() {
+  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --name) name="$2"; shift 2 ;;
+    --zone) zone="$2"; shift 2 ;;
+    --project) project="$2"; shift 2 ;;
+    --create) create=1; shift ;;
+    --accelerator) accelerator="$2"; shift 2 ;;
+    --version) version="$2"; shift 2 ;;
+    --num-slices) num_slices="$2"; shift 2 ;;
+    --spot) spot=1; shift ;;
+    --no-install) install=0; shift ;;
+    --remote-dir) remote_dir="$2"; shift 2 ;;
+    --pip) pip_spec="$2"; shift 2 ;;
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    --) shift; break ;;
+    *) die "unknown option $1 (the command goes after --)" ;;
+  esac
+done
+[[ -n "$name" ]] || die "--name is required"
+[[ -n "$zone" ]] || die "--zone is required"
+[[ $# -gt 0 ]] || die "no command given (put it after --)"
+[[ "$num_slices" =~ ^[1-9][0-9]*$ ]] || die "--num-slices must be a positive integer"
+
+common=("--zone=${zone}")
+[[ -n "$project" ]] && common+=("--project=${project}")
+
+# run (or, with --dry-run, print) one command, quoted exactly as a shell would need it
+run() {
+  if [[ "$dry_run" == 1 ]]; then
+    local out="" arg
+    for arg in "$@"; do out+=" $(q "$arg")"; done
+    echo "${out# }"
+  else
+    "$@"
+  fi
+}
+
+if [[ "$num_slices" -gt 1 ]]; then
+  nodes=()
+  for ((s = 0; s < num_slices; s++)); do nodes+=("${name}-${s}"); done
+else
+  nodes=("$name")
+fi
+
+if [[ "$create" == 1 ]]; then
+  extra=()
+  [[ "$spot" == 1 ]] && extra+=("--spot")
+  if [[ "$num_slices" -gt 1 ]]; then
+    run gcloud compute tpus queued-resources create "$name" "${common[@]}" \
+      --accelerator-type="$accelerator" --runtime-version="$version" \
+      --node-count="$num_slices" --node-prefix="$name" "${extra[@]}"
+  else
+    run gcloud compute tpus tpu-vm create "$name" "${common[@]}" \
+      --accelerator-type="$accelerator" --version="$version" "${extra[@]}"
+  fi
+fi
+
+# the user's command, quoted once for the remote shell
+cmd_quoted=""
+for arg in "$@"; do cmd_quoted+=" $(q "$arg")"; done
+cmd_quoted="${cmd_quoted# }"
+tarball="/tmp/${name}-soft_jax-src.tar.gz"
+pip_quoted="$(q "$pip_spec")"
+
+if [[ "$install" == 1 ]]; then
+  run tar czf "$tarball" -C "$repo_root" --exclude=.git --exclude=.venv --exclude=runs \
+    --exclude=__pycache__ .
+fi
+for node in "${nodes[@]}"; do
+  if [[ "$install" == 1 ]]; then
+    run gcloud compute tpus tpu-vm scp "$tarball" "${node}:~/soft_jax-src.tar.gz" \
+      --worker=all "${common[@]}"
+    run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" \
+      --command="mkdir -p ~/${remote_dir} && tar xzf ~/soft_jax-src.tar.gz -C ~/${remote_dir} && cd ~/${remote_dir} && python3 -m pip install -q -U ${pip_quoted} -e ."
+  fi
+done
+# start the same command on every host of every slice, all at once
+env_line="SOFT_JAX_DISTRIBUTED=1"
+if [[ "$dry_run" == 1 ]]; then
+  echo "# every host runs: cd ~/${remote_dir} && ${env_line} ${cmd_quoted}"
+  echo "# (jax.distributed.initialize() reads the coordinator, process count and id from the TPU metadata)"
+fi
+pids=()
+for node in "${nodes[@]}"; do
+  if [[ "$dry_run" == 1 || ${#nodes[@]} -eq 1 ]]; then
+    run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" \
+      --command="cd ~/${remote_dir} && ${env_line} ${cmd_quoted}"
+  else
+    run gcloud compute tpus tpu-vm ssh "$node" --worker=all "${common[@]}" \
+      --command="cd ~/${remote_dir} && ${env_line} ${cmd_quoted}" &
+    pids+=("$!")
+  fi
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit "$status"
