@@ -1,0 +1,333 @@
+"""Memory planner: bytes per device of a SoFT training step for a model, mesh and batch.
+
+    python -m soft_jax.memory --preset llama2-13b --mesh fsdp=8 --batch 32 --seq 2048 \\
+        --dtype bfloat16 --remat save_dots --device-gib 80
+
+No devices are needed: parameter shapes come from `jax.eval_shape` of the real init and each
+leaf's per-device shard from the same logical-axis rules the trainer uses
+(`sharding.logical_to_spec`, divisibility fallback included), so parameter, gradient and AdamW
+bytes are exact. Activations are a model of what the step keeps for the backward pass:
+
+* per layer, under the remat policy: the layer input (the residual stream carried by the
+  scan, for every policy but "none") plus what the policy saves -- `save_dots`: the outputs of
+  q/k/v/o and gate/up/down matmuls; `save_qkv_out`: q, k, v, attention output;
+  `save_mlp_out`: those plus gate and up; `full`: nothing more; `none`: everything
+  (estimated: norms, attention probabilities, SwiGLU intermediates as well);
+* the exit buffer [exits, tokens, hidden] and its gradient;
+* the loss: plain = float32 logits of every exit kept for backward; chunked = one chunk of
+  float32 logits (+ softmax and its gradient) and the hidden-state gradient buffer;
+* transient (live at the peak, not kept): one layer's recomputation during backward, the
+  FSDP all-gathered weights of one layer (plus one prefetched), attention scores when the
+  attention is not fused (XLA) -- the largest single item of a long sequence.
+
+XLA may fuse, reorder or add copies; treat activations as a good estimate (the test compares
+them with `compiled.memory_analysis()` on a tiny model) and keep headroom (`--usable`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from soft_jax import sharding as shd
+from soft_jax.chunked_loss import default_chunk_tokens
+from soft_jax.config import DTYPES, LlamaConfig, preset
+
+GiB = 2 ** 30
+BATCH_KEYS = {"input_ids": 4, "targets": 4, "loss_mask": 4, "positions": 4, "segment_ids": 4}
+
+
+@dataclasses.dataclass
+class Plan:
+    """Per-device bytes of one training step (see the module docstring)."""
+
+    config: LlamaConfig
+    mesh: dict
+    batch: int
+    seq: int
+    grad_accum: int
+    mode: str
+    rows_per_device: float  # micro-batch rows each device computes
+    batch_split: bool  # False: the micro-batch does not divide over data x fsdp (replicated)
+    loss_impl: str
+    chunk_tokens: int
+    attention: str
+    items: dict  # name -> bytes (kept for the whole step)
+    transient: dict  # name -> bytes (the peak's short-lived part)
+    num_params: int
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(self.items[k] for k in ("params", "grads", "optimizer"))
+
+    @property
+    def total(self) -> int:
+        return sum(self.items.values()) + max(self.transient.values(), default=0)
+
+    @property
+    def argument_bytes(self) -> int:
+        """What the jitted step takes in: state (params, AdamW, the int32 step) and batch --
+        `compiled.memory_analysis().argument_size_in_bytes`."""
+        return self.items["params"] + self.items["optimizer"] + self.items["batch"] + 4
+
+    @property
+    def working_bytes(self) -> int:
+        """Everything else at the peak: gradients, activations, loss, the largest transient
+        (compare with `memory_analysis().temp_size_in_bytes`)."""
+        return self.total - self.argument_bytes + 4
+
+
+def _nbytes(dtype) -> int:
+    return int(np.dtype(DTYPES[dtype] if isinstance(dtype, str) else dtype).itemsize)
+
+
+def _per_device(names, shape, mesh, rules, itemsize) -> int:
+    spec = shd.logical_to_spec(names, shape, mesh, rules)
+    return math.prod(shd.shard_shape(shape, spec, mesh)) * itemsize
+
+
+def param_bytes(params_abstract, mesh: dict, rules=shd.RULES, keys=None) -> int:
+    """Exact per-device bytes of a params-like tree (leaves with .shape and .dtype)."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params_abstract):
+        if keys is not None and shd._path_keys(path)[0] not in keys:
+            continue
+        names = shd.logical_axes_for_path(path, len(leaf.shape))
+        names = names if names is not None else (None,) * len(leaf.shape)
+        total += _per_device(names, leaf.shape, mesh, rules, np.dtype(leaf.dtype).itemsize)
+    return total
+
+
+def abstract_params(config: LlamaConfig):
+    from soft_jax.model import init_params
+
+    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+
+
+def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: int = 1,
+         mode: str = "soft", rules=shd.RULES, loss_impl: str = "auto",
+         chunk_tokens: int | None = None, attention: str = "auto",
+         backend: str = "gpu") -> Plan:
+    """The per-device memory plan (bytes) of one step; `mesh` = {axis: size}."""
+    mesh = {a: int(mesh.get(a, 1)) for a in shd.MESH_AXES}
+    params = abstract_params(config)
+    keys = ("exit_heads",) if mode == "ict" else tuple(params)
+    p_bytes = param_bytes(params, mesh, rules)
+    trainable = param_bytes(params, mesh, rules, keys)
+    # AdamW: mu and nu mirror the trainable params; two int32 step counters (adam, schedule)
+    opt = 2 * trainable + 2 * 4
+    dp = mesh["data"] * mesh["fsdp"]
+    micro = batch // grad_accum
+    bspec = shd.logical_to_spec(shd.BATCH_AXES, (micro, seq), mesh, rules)
+    rows = shd.shard_shape((micro, seq), bspec, mesh)[0]
+    split = rows * dp == micro
+    in_spec = shd.logical_to_spec(shd.BATCH_AXES, (batch, seq), mesh, rules)
+    in_rows = shd.shard_shape((batch, seq), in_spec, mesh)[0]
+    batch_bytes = sum(BATCH_KEYS.values()) * in_rows * seq
+
+    c = config
+    cb = _nbytes(c.dtype)
+    n = rows * seq  # tokens per device per micro-batch
+    tp = mesh["tensor"]
+    exits = (c.num_layers,) if mode == "sft" else c.resolved_exits
+    e = len(exits)
+    d, f, v, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_head_dim
+    table = dict(rules)
+
+    def split_by(logical, size):  # per-device size of an activation dim under the rules
+        axes = table.get(logical)
+        axes = () if axes is None else axes if isinstance(axes, tuple) else (axes,)
+        k = math.prod(mesh[a] for a in axes if a in mesh)
+        return size // k if k and size % k == 0 else size
+
+    d_act = split_by("activation_embed", d)
+    q_w = split_by("activation_heads", c.num_heads) * hd
+    kv_w = split_by("activation_kv_heads", c.num_kv_heads) * hd
+    f_w = split_by("activation_mlp", f)
+    heads_local = split_by("activation_heads", c.num_heads)
+
+    residual = n * d_act * cb
+    qkv = n * (q_w + 2 * kv_w) * cb
+    policy = c.remat_policy
+    if policy == "full":
+        saved_layer = residual
+    elif policy == "save_dots":
+        saved_layer = residual + qkv + 2 * n * d * cb + 2 * n * f_w * cb
+    elif policy == "save_qkv_out":
+        saved_layer = residual + qkv + n * d * cb
+    elif policy == "save_mlp_out":
+        saved_layer = residual + qkv + n * d * cb + 2 * n * f_w * cb
+    elif policy == "offload_dots":  # dot outputs go to host memory
+        saved_layer = residual
+    else:  # "none": every intermediate of the layer stays alive (estimate)
+        saved_layer = (residual + qkv + 4 * n * d * cb + 4 * n * f_w * cb + n * q_w * cb
+                       + _scores(c, rows, seq, heads_local, attention, backend))
+    items = {"params": p_bytes, "grads": trainable, "optimizer": opt, "batch": batch_bytes,
+             "layers": c.num_layers * saved_layer,
+             "exit_buffer": 2 * e * n * d_act * cb}
+    global_tokens = micro * seq
+    chunk = int(chunk_tokens or default_chunk_tokens(v, backend))
+    impl = loss_impl
+    if impl == "auto":
+        impl = "chunked" if e * global_tokens > 2 * chunk else "plain"
+    v_local = split_by("activation_vocab", v)
+    if impl == "plain":  # float32 logits of each exit kept (and their gradient at the peak)
+        items["loss"] = e * n * v_local * 4 + n * v_local * 4
+    else:  # one chunk of logits, softmax and d logits, the d hidden buffer and the float32
+        # head-gradient accumulator (soft_jax/chunked_loss.py)
+        items["loss"] = (3 * min(chunk, global_tokens) * v_local * 4 + e * n * d_act * cb
+                         + d * v_local * 4)
+    # one layer's weights, all-gathered over fsdp (still split over tensor), compute dtype
+    gathered = param_bytes({"layers": params["layers"]}, mesh, _gathered_rules(rules))
+    layer_params = gathered // c.num_layers // _nbytes(c.param_dtype) * cb
+    transient = {
+        "layer_recompute": (residual + qkv + 4 * n * d * cb + 4 * n * f_w * cb
+                            + n * q_w * cb + _scores(c, rows, seq, heads_local, attention,
+                                                     backend)),
+        "fsdp_gather": 2 * layer_params if mesh["fsdp"] > 1 else layer_params,
+    }
+    return Plan(config=c, mesh=mesh, batch=batch, seq=seq, grad_accum=grad_accum, mode=mode,
+                rows_per_device=rows, batch_split=split, loss_impl=impl, chunk_tokens=chunk,
+                attention=_attention(c, attention, backend), items=items, transient=transient,
+                num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _gathered_rules(rules):
+    return tuple((k, None if k == "embed" else v) for k, v in rules)
+
+
+def _attention(c: LlamaConfig, attention: str, backend: str) -> str:
+    if attention != "auto":
+        return attention
+    if c.attention_impl:
+        return c.attention_impl
+    return "cudnn" if backend == "gpu" and c.dtype in ("bfloat16", "float16") else "xla"
+
+
+def _scores(c: LlamaConfig, rows, seq, heads_local, attention, backend) -> int:
+    """Attention logits + probabilities [rows, heads, T, T] when the attention is not fused."""
+    if _attention(c, attention, backend) != "xla":
+        return 0
+    return int(2 * rows * heads_local * seq * seq * 4)
+
+
+# ------------------------------------------------------------------------------- CLI
+def parse_mesh(text: str, num_devices: int | None = None) -> dict:
+    """"fsdp=8", "fsdp=2,tensor=4", "data=2xfsdp=2xtensor=2" -> {axis: size}."""
+    out = {a: 1 for a in shd.MESH_AXES}
+    for part in text.replace("x", ",").replace(" ", "").split(","):
+        if not part:
+            continue
+        if "=" not in part:
+            raise ValueError(f"--mesh {text!r}: expected axis=size items, e.g. fsdp=8")
+        k, val = part.split("=", 1)
+        if k not in out:
+            raise ValueError(f"--mesh: unknown axis {k!r}; axes: {shd.MESH_AXES}")
+        out[k] = int(val)
+    if -1 in out.values():
+        if num_devices is None:
+            raise ValueError("--mesh with -1 needs --devices N")
+        out = shd.resolve_mesh_shape(out, num_devices).sizes
+    return out
+
+
+def _gib(b) -> str:
+    return f"{b / GiB:9.2f}"
+
+
+def format_plan(p: Plan, device_gib: float | None = None, usable: float = 0.9) -> str:
+    c = p.config
+    n_dev = math.prod(p.mesh.values())
+    mesh = " x ".join(f"{a}={s}" for a, s in p.mesh.items() if s > 1) or "1 device"
+    exits = (c.num_layers,) if p.mode == "sft" else c.resolved_exits
+    lines = [
+        f"soft_jax memory plan: {p.num_params / 1e9:.2f}B params, {c.num_layers} layers, "
+        f"mode {p.mode}, exits {','.join(map(str, exits))}",
+        f"mesh {mesh} ({n_dev} devices); batch {p.batch} x {p.seq} tokens, grad_accum "
+        f"{p.grad_accum}: {p.rows_per_device:g} rows per device per micro-batch",
+        f"params {c.param_dtype}, compute {c.dtype}, remat {c.remat_policy}, loss {p.loss_impl}"
+        + (f" ({p.chunk_tokens}-token chunks)" if p.loss_impl == "chunked" else "")
+        + f", attention {p.attention}",
+    ]
+    if not p.batch_split:
+        lines.append(f"WARNING: the micro-batch of {p.batch // p.grad_accum} rows does not "
+                     f"divide over data x fsdp = {p.mesh['data'] * p.mesh['fsdp']}: it is "
+                     "replicated (every device computes every row); lower grad_accum or "
+                     "raise the batch")
+    label = {
+        "params": f"params ({c.param_dtype} master weights)",
+        "grads": "gradients",
+        "optimizer": "AdamW mu + nu",
+        "batch": "batch inputs",
+        "layers": f"saved activations ({c.num_layers} layers, remat {c.remat_policy})",
+        "exit_buffer": f"exit hidden states + grad ({len(exits)} exits)",
+        "loss": f"loss ({p.loss_impl})",
+    }
+    lines.append(f"{'per device':<52}{'GiB':>9}")
+    for k, b in p.items.items():
+        lines.append(f"  {label[k]:<50}{_gib(b)}")
+    tl = {"layer_recompute": "peak transient: one layer's backward working set",
+          "fsdp_gather": "peak transient: FSDP-gathered layer weights"}
+    for k, b in p.transient.items():
+        lines.append(f"  {tl[k]:<50}{_gib(b)}")
+    lines.append(f"  {'total (kept + largest transient)':<50}{_gib(p.total)}")
+    if device_gib:
+        cap = device_gib * usable
+        verdict = "FITS" if p.total <= cap * GiB else "DOES NOT FIT"
+        lines.append(f"device {device_gib:g} GiB x {usable:.2f} usable = {cap:.1f} GiB: "
+                     f"{verdict} ({(cap * GiB - p.total) / GiB:+.1f} GiB headroom)")
+        lines.append("  (JAX on GPU preallocates 75% by default: set "
+                     f"XLA_PYTHON_CLIENT_MEM_FRACTION={usable:.2f} to use what is counted here)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m soft_jax.memory", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama2-13b", help="model preset (soft_jax.config)")
+    ap.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=8, fsdp=2,tensor=4")
+    ap.add_argument("--devices", type=int, default=None, help="device count for -1 in --mesh")
+    ap.add_argument("--batch", type=int, default=32, help="global batch (sequences per step)")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
+    ap.add_argument("--param-dtype", default="float32", help="master weight dtype")
+    ap.add_argument("--remat", default="save_dots",
+                    help="none | full | save_dots | save_qkv_out | save_mlp_out | offload_dots")
+    ap.add_argument("--exits", default="", help="comma-separated exits (default: preset's)")
+    ap.add_argument("--mode", default="soft", help="soft | sft | ict | sortednet")
+    ap.add_argument("--loss", default="auto", help="auto | plain | chunked")
+    ap.add_argument("--chunk-tokens", type=int, default=None)
+    ap.add_argument("--attention", default="auto", help="auto | xla | cudnn")
+    ap.add_argument("--backend", default="gpu", help="gpu | tpu (for the auto choices)")
+    ap.add_argument("--device-gib", type=float, default=None, help="memory per device (GiB)")
+    ap.add_argument("--usable", type=float, default=0.9,
+                    help="fraction of the device memory the step may use")
+    a = ap.parse_args(argv)
+    overrides = dict(dtype=a.dtype, param_dtype=a.param_dtype, remat_policy=a.remat)
+    if a.exits:
+        overrides["exits"] = tuple(int(x) for x in a.exits.split(",") if x)
+    config = preset(a.preset, **overrides)
+    if a.mode == "ict":
+        config = config.replace(num_exit_heads=len(config.resolved_exits) - 1)
+    if a.batch % a.grad_accum:
+        ap.error(f"--batch {a.batch} is not divisible by --grad-accum {a.grad_accum}")
+    try:
+        mesh = parse_mesh(a.mesh, a.devices)
+    except ValueError as err:
+        ap.error(str(err))
+    p = plan(config, mesh, a.batch, a.seq, grad_accum=a.grad_accum, mode=a.mode,
+             loss_impl=a.loss, chunk_tokens=a.chunk_tokens, attention=a.attention,
+             backend=a.backend)
+    print(format_plan(p, a.device_gib, a.usable))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
