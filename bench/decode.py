@@ -76,13 +76,16 @@ def summarize(outs, seconds: float, reference) -> dict:
 
 
 def run_modes(config, params, prompts, new_tokens, modes: dict, repeats: int) -> dict:
-    """Time every mode on every prompt; passes are interleaved across modes and the fastest
-    pass of each mode is kept, so load on a shared machine hits all modes alike."""
+    """Time every mode on every prompt; passes are interleaved across modes (in a rotating
+    order) and the fastest pass of each mode is kept, so load on a shared machine and order
+    effects hit all modes alike."""
     for kw in modes.values():
         generate(config, params, prompts[0], new_tokens, **kw)  # compile
     best: dict[str, tuple[float, list]] = {}
-    for _ in range(repeats):
-        for name, kw in modes.items():
+    names = list(modes)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            kw = modes[name]
             t0 = time.perf_counter()
             outs = [generate(config, params, p, new_tokens, **kw) for p in prompts]
             dt = time.perf_counter() - t0

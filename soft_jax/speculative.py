@@ -61,13 +61,14 @@ def accept_drafts(key: Array, drafts: Array, q_logits: Array, p_logits: Array, k
 @partial(jax.jit, static_argnames=("config", "rows", "greedy"), donate_argnames=("cache",))
 def spec_round(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_ctx: Array,
                key: Array, s: Sampling, draft_exit: Array, head_idx: Array, k: Array, rows: int,
-               greedy: bool) -> tuple[Array, Array, Array, Cache]:
+               greedy: bool) -> tuple[Array, Cache]:
     """Draft k < rows tokens after `last` (at slot n_ctx) with exit draft_exit, verify, accept.
 
-    Returns (drafts [rows-1], accepted count, next token, cache).
+    Returns ([accepted count, next token, drafts...] as one int32 array [rows + 1], cache):
+    one transfer to the host per round.
     """
     pad = jnp.zeros((1,), jnp.int32)
-    k_draft, k_accept = (key, key) if greedy else jax.random.split(key)
+    k_draft, k_accept = (key, key) if greedy else jax.random.split(jax.random.fold_in(key, n_ctx))
 
     def draft(i, c):
         cache, tok, hs, drafts, qs = c
@@ -94,7 +95,7 @@ def spec_round(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_c
     p = head_logits(config, params, h[0], config.num_layers)
     p = p if greedy else filter_logits(p, s)
     m, nxt = accept_drafts(k_accept, drafts, qs, p, k, greedy)
-    return drafts, m, nxt, cache
+    return jnp.concatenate([jnp.stack([m, nxt]).astype(jnp.int32), drafts]), cache
 
 
 def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], max_new: int,
@@ -103,7 +104,7 @@ def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], m
     """Generate for one prompt; `k=None` adapts K (start 4, +2 all accepted, else -1, min 1)."""
     max_k = k or MAX_K  # the cap applies to adaptive K only
     slots = cache_slots(len(prompt) + max_new + verify_rows(max_k))
-    key, head_idx = jax.random.PRNGKey(seed), jnp.int32(head_index(config, params, draft_exit))
+    key, head_idx = jax.random.PRNGKey(seed), np.int32(head_index(config, params, draft_exit))
     t0 = time.perf_counter()
     cache = prefill(config, params, jnp.asarray([prompt[:-1]], jnp.int32),
                     jnp.zeros((1,), jnp.int32), slots)
@@ -112,14 +113,15 @@ def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], m
     lengths = []
     while len(out) < max_new and not (out and out[-1] in stop_ids):
         kk = max(1, min(cur_k, max_k, max_new - len(out) - 1))  # no drafts past max_new
-        drafts, m, nxt, cache = spec_round(
-            config, params, cache, jnp.int32(out[-1] if out else prompt[-1]), jnp.int32(n_ctx),
-            jax.random.fold_in(key, rounds), s, jnp.int32(draft_exit), head_idx, jnp.int32(kk),
-            verify_rows(kk), greedy)
-        m, rounds = int(m), rounds + 1
+        res, cache = spec_round(config, params, cache, np.int32(out[-1] if out else prompt[-1]),
+                                np.int32(n_ctx), key, s, np.int32(draft_exit), head_idx,
+                                np.int32(kk), verify_rows(kk), greedy)
+        res = np.asarray(res).tolist()
+        m, nxt, drafts = res[0], res[1], res[2:]
+        rounds += 1
         lengths.append(kk)
         drafted, accepted, n_ctx = drafted + kk, accepted + m, n_ctx + m + 1
-        for t in [int(t) for t in np.asarray(drafts)[:m]] + [int(nxt)]:
+        for t in drafts[:m] + [nxt]:
             out.append(t)
             if t in stop_ids or len(out) == max_new:
                 break
