@@ -50,9 +50,12 @@ def batch_targets(batch: dict) -> tuple[Array, Array]:
     return jnp.where(mask, targets, 0).astype(jnp.int32), mask
 
 
-def exit_weights(config: LlamaConfig, exits: tuple[int, ...]) -> Array:
-    """Per-exit loss weights normalised to sum 1 (equal unless the config says otherwise)."""
-    if config.exit_weights is not None and exits == config.resolved_exits:
+def exit_weights(config: LlamaConfig, exits: tuple[int, ...], weights=None) -> Array:
+    """Per-exit loss weights normalised to sum 1: `weights` if given (may be traced, e.g. a
+    one-hot per step for SortedNet), else the config's, else equal."""
+    if weights is not None:
+        w = jnp.asarray(weights, jnp.float32)
+    elif config.exit_weights is not None and exits == config.resolved_exits:
         w = jnp.asarray(config.exit_weights, jnp.float32)
     else:
         w = jnp.ones((len(exits),), jnp.float32)
@@ -68,24 +71,25 @@ def token_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
 
 
 def combine_exit_losses(config: LlamaConfig, exits: tuple[int, ...], per_exit_sum: Array,
-                        count: Array, z_sum: Array | None = None, z_loss: float = 0.0
-                        ) -> tuple[Array, dict]:
+                        count: Array, z_sum: Array | None = None, z_loss: float = 0.0,
+                        weights=None) -> tuple[Array, dict]:
     """Token means per exit, their weighted mean, and the metrics dict."""
     denom = jnp.maximum(count, 1.0)
     per_exit = per_exit_sum / denom
-    loss = jnp.sum(exit_weights(config, exits) * per_exit)
+    w = exit_weights(config, exits, weights)
+    loss = jnp.sum(w * per_exit)
     metrics = {"loss": loss, "num_tokens": count}
     metrics.update({f"loss/exit_{e}": per_exit[i] for i, e in enumerate(exits)})
     if z_sum is not None and z_loss:
-        z = jnp.sum(exit_weights(config, exits) * z_sum / denom)
+        z = jnp.sum(w * z_sum / denom)
         metrics["z_loss"] = z
         loss = loss + z_loss * z
     return loss, metrics
 
 
 def exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: Array,
-                          mask: Array, exits: tuple[int, ...], z_loss: float = 0.0
-                          ) -> tuple[Array, dict]:
+                          mask: Array, exits: tuple[int, ...], z_loss: float = 0.0,
+                          weights=None) -> tuple[Array, dict]:
     """Plain multi-exit loss: materialises each exit's [B, T, V] logits (one at a time)."""
     m = mask.astype(jnp.float32)
     sums, zs = [], []
@@ -93,7 +97,8 @@ def exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: A
         ce, lse = token_cross_entropy(head_logits(config, params, hidden[i], e), targets)
         sums.append(jnp.sum(ce * m))
         zs.append(jnp.sum(lse * lse * m))
-    return combine_exit_losses(config, exits, jnp.stack(sums), m.sum(), jnp.stack(zs), z_loss)
+    return combine_exit_losses(config, exits, jnp.stack(sums), m.sum(), jnp.stack(zs), z_loss,
+                               weights)
 
 
 def resolve_loss_impl(impl: str, n_exits: int, n_tokens: int, chunk_tokens: int | None = None,
@@ -109,8 +114,8 @@ def resolve_loss_impl(impl: str, n_exits: int, n_tokens: int, chunk_tokens: int 
 
 def chunked_exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: Array,
                                   mask: Array, exits: tuple[int, ...], z_loss: float = 0.0,
-                                  chunk_tokens: int | None = None, recompute: bool = False
-                                  ) -> tuple[Array, dict]:
+                                  chunk_tokens: int | None = None, recompute: bool = False,
+                                  weights=None) -> tuple[Array, dict]:
     """Same loss and metrics as `exit_loss_from_hidden`, never holding more than one chunk
     of logits (see soft_jax/chunked_loss.py)."""
     m = mask.astype(jnp.float32)
@@ -118,22 +123,23 @@ def chunked_exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, ta
     if recompute:
         _, ce, z = chunked_exit_sums(config, params, hidden, targets, m, exits,
                                      chunk_tokens=chunk_tokens)
-        return combine_exit_losses(config, exits, ce, count, z, z_loss)
-    coef = exit_weights(config, exits) / jnp.maximum(count, 1.0)
+        return combine_exit_losses(config, exits, ce, count, z, z_loss, weights)
+    coef = exit_weights(config, exits, weights) / jnp.maximum(count, 1.0)
     zcoef = coef * z_loss if z_loss else jnp.zeros_like(coef)
     loss, ce, z = chunked_exit_sums(config, params, hidden, targets, m, exits,
                                     chunk_tokens=chunk_tokens, coef=coef, zcoef=zcoef)
-    _, metrics = combine_exit_losses(config, exits, ce, count, z, z_loss)
+    _, metrics = combine_exit_losses(config, exits, ce, count, z, z_loss, weights)
     return loss, metrics
 
 
 def loss_fn(config: LlamaConfig, params, batch: dict, exits: tuple[int, ...] | None = None,
-            z_loss: float = 0.0, impl: str = "auto", chunk_tokens: int | None = None
-            ) -> tuple[Array, dict]:
+            z_loss: float = 0.0, impl: str = "auto", chunk_tokens: int | None = None,
+            weights=None) -> tuple[Array, dict]:
     """The multi-exit training loss for one batch (not jitted; call inside your step).
 
     `impl`: "auto" | "plain" | "chunked" | "chunked_recompute" (see the module docstring);
-    `chunk_tokens`: tokens per chunk of the chunked loss (default: `default_chunk_tokens`).
+    `chunk_tokens`: tokens per chunk of the chunked loss (default: `default_chunk_tokens`);
+    `weights`: per-exit weights overriding the config's (may be traced).
     """
     exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
     targets, mask = batch_targets(batch)
@@ -141,9 +147,11 @@ def loss_fn(config: LlamaConfig, params, batch: dict, exits: tuple[int, ...] | N
                                 batch.get("positions"), batch.get("segment_ids"), exits)
     impl = resolve_loss_impl(impl, len(exits), targets.size, chunk_tokens, config.vocab_size)
     if impl == "plain":
-        return exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss)
+        return exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss,
+                                     weights)
     return chunked_exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss,
-                                         chunk_tokens, recompute=impl == "chunked_recompute")
+                                         chunk_tokens, recompute=impl == "chunked_recompute",
+                                         weights=weights)
 
 
 @partial(jax.jit, static_argnames=("config", "exits"))

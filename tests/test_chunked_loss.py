@@ -190,3 +190,26 @@ def test_full_step_chunked_equals_plain_and_memory_does_not_scale_with_exits():
         np.testing.assert_allclose(mc[f"loss/exit_{e}"], mp[f"loss/exit_{e}"], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gc)):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
+
+
+def test_weights_override_is_differentiable_in_every_impl():
+    """SortedNet passes a traced one-hot: every impl must give exit e's loss and its gradient."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import soft_jax as sj
+    from soft_jax.loss import loss_fn
+
+    cfg = sj.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_layers=3,
+                         num_heads=2, num_kv_heads=1, exits=(1, 2))
+    params = sj.init_params(cfg, jax.random.PRNGKey(0))
+    ids = np.random.default_rng(0).integers(0, 61, (2, 8))
+    batch = {"input_ids": ids, "targets": np.roll(ids, -1, 1)}
+    onehot = jnp.array([0.0, 1.0, 0.0])
+    ref = jax.grad(lambda p: loss_fn(cfg, p, batch, impl="plain")[1]["loss/exit_2"])(params)
+    for impl in ("plain", "chunked", "chunked_recompute"):
+        f = lambda p: loss_fn(cfg, p, batch, impl=impl, chunk_tokens=4, weights=onehot)  # noqa
+        (loss, m), g = jax.value_and_grad(f, has_aux=True)(params)
+        np.testing.assert_allclose(loss, m["loss/exit_2"], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g, ref)
