@@ -118,11 +118,22 @@ def filter_logits(logits: Array, s: Sampling) -> Array:
     return jnp.where(logits < cutoff, -jnp.inf, logits)
 
 
+def sample(probs: Array, u: Array) -> Array:
+    """Inverse-CDF sample from each row of (unnormalised) probs [..., V] with uniforms u [...].
+
+    One uniform per token keeps the random bits of a whole decoding round in one draw.
+    """
+    cdf = jnp.cumsum(probs, axis=-1)
+    idx = jnp.sum(cdf < u[..., None] * cdf[..., -1:], axis=-1)
+    return jnp.minimum(idx, probs.shape[-1] - 1).astype(jnp.int32)
+
+
 def select_token(logits: Array, key: Array | None, s: Sampling, greedy: bool) -> Array:
     """Next token per row [B] from logits [B, V]: argmax, or a sample from the filtered logits."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, s), axis=-1).astype(jnp.int32)
+    probs = jax.nn.softmax(filter_logits(logits, s), axis=-1)
+    return sample(probs, jax.random.uniform(key, logits.shape[:-1]))
 
 
 def forward(config: LlamaConfig, params: dict, tokens: Array, cache: Cache, pad: Array,
@@ -189,7 +200,7 @@ def token_loop(step: Callable, state, tokens: Array, aux, key: Array, s: Samplin
     return out, i, state, record
 
 
-@partial(jax.jit, static_argnames=("config", "max_new", "greedy"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("config", "max_new", "greedy"))
 def decode_loop(config: LlamaConfig, params: dict, cache: Cache, tokens: Array, pad: Array,
                 slot: Array, key: Array, s: Sampling, stop_ids: Array, stop: Array,
                 head_idx: Array, max_new: int, greedy: bool) -> tuple[Array, Array]:

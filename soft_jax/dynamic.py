@@ -147,8 +147,7 @@ def _token_step(config, params, st: DynState, tok: Array, cur: Array, exits: tup
     return logits, st, (i - 1, conf)
 
 
-@partial(jax.jit, static_argnames=("config", "exits", "max_new", "greedy", "chunk", "copy_kv"),
-         donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("config", "exits", "max_new", "greedy", "chunk", "copy_kv"))
 def dynamic_loop(config: LlamaConfig, params: dict, cache: Cache, last: Array, cur: Array,
                  key: Array, s: Sampling, stop_ids: Array, exits: tuple[int, ...], thr: Array,
                  max_new: int, greedy: bool, chunk: int, copy_kv: bool):

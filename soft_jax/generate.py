@@ -12,6 +12,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,11 @@ from soft_jax.decode import (cache_slots, decode_loop, head_index, prefill, samp
                              stop_array, trim)
 from soft_jax.dynamic import dynamic_generate
 from soft_jax.speculative import speculative_generate
+
+# soft_jax/__init__ exports generate(), so `python -m soft_jax.generate` finds this module
+# already imported and runs a fresh copy as __main__: expected, and harmless here.
+warnings.filterwarnings("ignore", message=r"'soft_jax\.generate' found in sys\.modules",
+                        category=RuntimeWarning)
 
 
 @dataclasses.dataclass
@@ -138,6 +144,8 @@ def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
     else:
         tokens, stats = _plain(config, params, prompts, max_new, exit_layer or config.num_layers,
                                s, greedy, stops, seed)
+    stats["mode"] = ("speculative" if draft_exit is not None else "dynamic" if dynamic else
+                     f"plain exit {exit_layer or config.num_layers}")
     n = sum(len(t) for t in tokens)
     stats["new_tokens"] = n
     stats["tokens_per_s"] = n / stats["time_s"] if stats["time_s"] > 0 else float("inf")

@@ -17,7 +17,7 @@ import numpy as np
 
 from soft_jax.config import LlamaConfig
 from soft_jax.decode import (Cache, Sampling, cache_slots, exit_head, filter_logits, forward,
-                             head_index, prefill, run_layers)
+                             head_index, prefill, run_layers, sample)
 from soft_jax.model import head_logits
 
 Array = jax.Array
@@ -31,10 +31,11 @@ def verify_rows(k: int) -> int:
     return 1 << k.bit_length()
 
 
-def accept_drafts(key: Array, drafts: Array, q_logits: Array, p_logits: Array, k: Array,
+def accept_drafts(u: Array, drafts: Array, q_logits: Array, p_logits: Array, k: Array,
                   greedy: bool) -> tuple[Array, Array]:
     """(accepted count m, next token) for the first k of drafts [R-1], draft logits [R-1, V]
-    and full-model logits [R, V] (logits already filtered: temperature, top-k, top-p).
+    and full-model logits [R, V] (logits already filtered: temperature, top-k, top-p), with
+    uniforms u [R] (one per acceptance test, the last for the resample; unused if greedy).
 
     Greedy: the longest prefix equal to the full model's argmax, then its argmax. Sampling
     (Leviathan et al. / Chen et al.): accept draft i with probability min(1, p_i/q_i); at the
@@ -45,7 +46,6 @@ def accept_drafts(key: Array, drafts: Array, q_logits: Array, p_logits: Array, k
         ok = (drafts == jnp.argmax(p_logits[:-1], axis=-1)) & valid
         m = jnp.sum(jnp.cumprod(ok))
         return m, jnp.argmax(p_logits[m]).astype(jnp.int32)
-    u = jax.random.uniform(key, (drafts.shape[0] + 1,))  # one draw per test + one to resample
     p = jax.nn.softmax(p_logits, axis=-1)
     q = jnp.where(valid[:, None], jax.nn.softmax(q_logits, axis=-1), 0.0)
     rows = jnp.arange(drafts.shape[0])
@@ -53,9 +53,7 @@ def accept_drafts(key: Array, drafts: Array, q_logits: Array, p_logits: Array, k
     m = jnp.sum(jnp.cumprod(ok))
     # q's rows from k on are zero, so after k acceptances the "residual" is exactly p_k (bonus).
     residual = jnp.maximum(p[m] - jnp.concatenate([q, jnp.zeros_like(q[:1])])[m], 0.0)
-    cdf = jnp.cumsum(jnp.where(residual.sum() > 0, residual, p[m]))
-    nxt = jnp.minimum(jnp.sum(cdf < u[-1] * cdf[-1]), cdf.shape[0] - 1)  # inverse-CDF sample
-    return m, nxt.astype(jnp.int32)
+    return m, sample(jnp.where(residual.sum() > 0, residual, p[m]), u[-1])
 
 
 @partial(jax.jit, static_argnames=("config", "rows", "greedy"), donate_argnames=("cache",))
@@ -68,7 +66,8 @@ def spec_round(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_c
     one transfer to the host per round.
     """
     pad = jnp.zeros((1,), jnp.int32)
-    k_draft, k_accept = (key, key) if greedy else jax.random.split(jax.random.fold_in(key, n_ctx))
+    # rows - 1 draft samples, then rows - 1 acceptance tests and one resample
+    u = None if greedy else jax.random.uniform(jax.random.fold_in(key, n_ctx), (2 * rows - 1,))
 
     def draft(i, c):
         cache, tok, hs, drafts, qs = c
@@ -78,8 +77,7 @@ def spec_round(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_c
         def propose(_):
             q = exit_head(config, params, h[:, 0], head_idx)
             q = q if greedy else filter_logits(q, s)
-            d = (jnp.argmax(q, axis=-1) if greedy else
-                 jax.random.categorical(jax.random.fold_in(k_draft, i), q, axis=-1))[0]
+            d = jnp.argmax(q[0]) if greedy else sample(jax.nn.softmax(q[0]), u[i])
             return d.astype(jnp.int32), drafts.at[i].set(d), qs.at[i].set(q[0])
 
         # Step k only runs the last draft through layers 1..n for the verifier (no head).
@@ -94,7 +92,7 @@ def spec_round(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_c
                           config.num_layers)
     p = head_logits(config, params, h[0], config.num_layers)
     p = p if greedy else filter_logits(p, s)
-    m, nxt = accept_drafts(k_accept, drafts, qs, p, k, greedy)
+    m, nxt = accept_drafts(None if greedy else u[rows - 1:], drafts, qs, p, k, greedy)
     return jnp.concatenate([jnp.stack([m, nxt]).astype(jnp.int32), drafts]), cache
 
 

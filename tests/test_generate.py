@@ -3,6 +3,8 @@ distribution-preserving sampling), dynamic early exit with exact catch-up, API e
 
 import importlib
 import json
+import subprocess
+import sys
 from functools import lru_cache, partial
 
 import jax
@@ -94,15 +96,20 @@ def test_greedy_speculative_is_token_identical_to_plain_greedy(shape, seed):
     assert generate(cfg, params, PROMPT, N, draft_exit=1, stop_tokens=[stop]).tokens == [cut]
 
 
+def identity_last_layer(params):
+    """The model with its last layer's residual updates zeroed: exit L-1 == exit L exactly."""
+    params = jax.tree.map(lambda x: x, params)  # fresh containers, shared leaves
+    for group, name in (("attn", "o_proj"), ("mlp", "down_proj")):
+        kernel = params["layers"][group][name]["kernel"]
+        params["layers"][group][name]["kernel"] = kernel.at[-1].set(0.0)
+    return params
+
+
 def test_adaptive_k_follows_the_paper_rule_when_the_draft_is_the_model():
     # Exit L-1 of a model whose last layer does nothing drafts exactly what the model says:
     # everything is accepted, so K grows 4, 6, 8, ... and the rejection ratio is 0.
     cfg, params = model("gqa", 0)
-    params = jax.tree.map(lambda x: x, params)
-    for name in ("o_proj", "down_proj"):
-        group = "attn" if name == "o_proj" else "mlp"
-        kernel = params["layers"][group][name]["kernel"]
-        params["layers"][group][name]["kernel"] = kernel.at[-1].set(0.0)
+    params = identity_last_layer(params)
     out = generate(cfg, params, PROMPT, 2 * N, draft_exit=cfg.num_layers - 1)
     assert out.tokens[0][:N] == generate(cfg, params, PROMPT, N).tokens[0]
     assert out.stats["rejected"] == 0 and out.stats["rejection_ratio"] == 0
@@ -152,12 +159,19 @@ def test_dynamic_lazy_catch_up_is_exact_and_calm_copy_is_not(monkeypatch):
 def test_sampling_is_reproducible_per_seed():
     cfg, params = model("gqa", 0)
     kw = dict(temperature=1.0, top_k=20, top_p=0.9)
-    for mode in ({}, {"draft_exit": 2, "draft_tokens": 3}):  # dynamic shares token_loop
-        a = generate(cfg, params, PROMPT, N, seed=1, **kw, **mode).tokens
-        assert a == generate(cfg, params, PROMPT, N, seed=1, **kw, **mode).tokens
-        assert a != generate(cfg, params, PROMPT, N, seed=2, **kw, **mode).tokens
+    a = generate(cfg, params, PROMPT, N, seed=1, **kw).tokens
+    assert a == generate(cfg, params, PROMPT, N, seed=1, **kw).tokens
+    assert a != generate(cfg, params, PROMPT, N, seed=2, **kw).tokens
     greedy = generate(cfg, params, PROMPT, N).tokens
     assert generate(cfg, params, PROMPT, N, temperature=0.7, top_k=1, seed=5).tokens == greedy
+    # Speculative sampling with a draft equal to the model (q == p): reproducible, and every
+    # draft is accepted, which holds only if each draft is tested at its own position.
+    params = identity_last_layer(params)
+    spec = dict(kw, draft_exit=cfg.num_layers - 1, draft_tokens=3)
+    a = generate(cfg, params, PROMPT, N, seed=1, **spec)
+    assert a.tokens == generate(cfg, params, PROMPT, N, seed=1, **spec).tokens
+    assert a.tokens != generate(cfg, params, PROMPT, N, seed=2, **spec).tokens
+    assert a.stats["rejected"] == 0 and a.stats["drafted"] >= N - 3
 
 
 def test_filter_logits_top_k_and_top_p():
@@ -186,15 +200,15 @@ def test_speculative_sampling_rule_reproduces_the_target_distribution():
     drafts = np.stack([(rng.random((n, 1)) > np.cumsum(q[i])[None]).sum(1) for i in range(k)], 1)
     accept = jax.jit(jax.vmap(partial(accept_drafts, k=jnp.int32(k), greedy=False),
                               in_axes=(0, 0, None, None)))
-    keys, drafts = jax.random.split(jax.random.PRNGKey(0), n), jnp.asarray(drafts, jnp.int32)
-    m, nxt = accept(keys, drafts, q_logits, p_logits)
+    u, drafts = jnp.asarray(rng.random((n, k + 1)), jnp.float32), jnp.asarray(drafts, jnp.int32)
+    m, nxt = accept(u, drafts, q_logits, p_logits)
     first, accepted = np.where(m > 0, drafts[:, 0], nxt), np.asarray(m) > 0
     freq = np.bincount(np.asarray(first), minlength=v) / n
     np.testing.assert_allclose(freq, p0, atol=0.012)
     assert abs(float(np.mean(accepted)) - float(jnp.minimum(p0, q0).sum())) < 0.012
     assert np.abs(freq - np.asarray(q0)).max() > 0.05  # q and p really differ
     # q == p: every draft is accepted, and the bonus then follows p_k
-    m, nxt = accept(keys, drafts, p_logits[:k], p_logits)
+    m, nxt = accept(u, drafts, p_logits[:k], p_logits)
     assert np.all(np.asarray(m) == k)
     np.testing.assert_allclose(np.bincount(nxt, minlength=v) / n, jax.nn.softmax(p_logits[k]),
                                atol=0.012)
@@ -293,3 +307,9 @@ def test_cli_mode_flags_reach_generate(tmp_path, capsys, monkeypatch):
     assert '"mean_exit_layer": 1.0' in out and '"exits"' not in out
     assert main(["--hf", str(folder), "--prompt-ids", "4", "--thresholds", "1=0.3"]) == 2
     assert "--thresholds" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs_cleanly():
+    r = subprocess.run([sys.executable, "-m", "soft_jax.generate", "--help"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--draft-exit" in r.stdout and "Warning" not in r.stderr
