@@ -207,13 +207,15 @@ def make_train_step(config: LlamaConfig, cfg, tx, schedule, keys: tuple[str, ...
     rules = partitioning.rules if partitioning is not None else shd.RULES
 
     def loss_of(trainable, frozen, batch, rng):
-        loss, metrics = loss_fn(config, {**frozen, **trainable}, batch, exits,
-                                z_loss=cfg.loss.z_loss)
+        weights = None
         if cfg.mode == "sortednet":  # one sub-model per step, drawn uniformly
-            per_exit = jnp.stack([metrics[f"loss/exit_{e}"] for e in exits])
             idx = jax.random.randint(rng, (), 0, len(exits))
-            loss = per_exit[idx]
-            metrics = {**metrics, "loss": loss, "sampled_exit": jnp.asarray(exits)[idx]}
+            weights = jax.nn.one_hot(idx, len(exits))
+        loss, metrics = loss_fn(config, {**frozen, **trainable}, batch, exits,
+                                z_loss=cfg.loss.z_loss, impl=cfg.loss.impl,
+                                chunk_tokens=cfg.loss.chunk_tokens or None, weights=weights)
+        if weights is not None:
+            metrics = {**metrics, "sampled_exit": jnp.asarray(exits)[idx]}
         return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)

@@ -62,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.grad_clip = 1.0
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.impl = "auto"  # auto | chunked | plain
+    c.loss.impl = "auto"  # auto | plain | chunked | chunked_recompute (soft_jax/loss.py)
+    c.loss.chunk_tokens = 0  # tokens per chunk of the chunked loss; 0 = backend default
     c.loss.z_loss = 0.0
 
     # Device mesh (soft_jax/sharding.py): total axis sizes, one of them may be -1 = the rest.
