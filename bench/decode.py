@@ -6,7 +6,7 @@ and dynamic early exit on the same prompts, with speedups over full greedy from 
 
 A random model's exits disagree with its last layer far more than a SoFT-trained model's, and
 its next-token distributions are nearly flat, so acceptance and early exits are low. To mimic
-a model whose exits agree, `--layer-scale 0.05` shrinks the residual updates (attention and
+a model whose exits agree, `--layer-scale 0.02` shrinks the residual updates (attention and
 MLP output projections) of the layers after the first exit and `--head-scale 30` sharpens the
 head. Compilation is excluded (a warm-up generation per mode); each mode decodes every prompt
 `--repeats` times and the fastest pass is kept (robust to a shared, noisy machine).
@@ -40,12 +40,14 @@ def load_model(args) -> tuple[sj.LlamaConfig, dict]:
     config = sj.LlamaConfig(**{**shape, "param_dtype": args.dtype, "dtype": args.dtype,
                                "eos_token_id": None})
     params = jax.jit(sj.init_params, static_argnums=0)(config, jax.random.PRNGKey(args.seed))
-    first = config.resolved_exits[0]
-    for group, name in (("attn", "o_proj"), ("mlp", "down_proj")):
-        kernel = params["layers"][group][name]["kernel"]
-        params["layers"][group][name]["kernel"] = kernel.at[first:].multiply(args.layer_scale)
-    head = "embed" if config.tie_word_embeddings else "lm_head"
-    params[head] = jax.tree.map(lambda w: w * args.head_scale, params[head])
+    if args.layer_scale != 1.0:
+        first = config.resolved_exits[0]
+        for group, name in (("attn", "o_proj"), ("mlp", "down_proj")):
+            kernel = params["layers"][group][name]["kernel"]
+            params["layers"][group][name]["kernel"] = kernel.at[first:].multiply(args.layer_scale)
+    if args.head_scale != 1.0:
+        head = "embed" if config.tie_word_embeddings else "lm_head"
+        params[head] = jax.tree.map(lambda w: w * args.head_scale, params[head])
     return config, params
 
 
