@@ -279,7 +279,7 @@ def test_one_step_matches_on_every_mesh(mesh_run):
         diffs[name] = max(float(np.abs(got[k] - ref[k]).max()) for k in ref.files)
         assert diffs[name] < 2e-5, (name, diffs[name])
     print("max abs param diff vs 1 device after 3 steps:", diffs)
-    assert len(set(round(x, 3) for x in ref_losses)) == 3  # three different batches trained
+    assert len(set(ref_losses)) == 3  # three different batches, three different losses
 
 
 def test_params_and_adam_moments_are_really_sharded(mesh_run):
