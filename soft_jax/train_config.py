@@ -91,20 +91,21 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _unknown(cfg, ref, prefix="") -> list[str]:
+def unknown_fields(cfg, ref, open_keys=(), prefix="") -> list[str]:
+    """Dotted names of fields in `cfg` that the schema `ref` lacks (`open_keys` take any)."""
     out = []
     for key in cfg.keys():
         name = f"{prefix}{key}"
         if key not in ref:
             out.append(name)
-        elif isinstance(ref[key], ml_collections.ConfigDict) and key != "overrides":
-            out += _unknown(cfg[key], ref[key], name + ".")
+        elif isinstance(ref[key], ml_collections.ConfigDict) and key not in open_keys:
+            out += unknown_fields(cfg[key], ref[key], open_keys, name + ".")
     return out
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming unknown fields or bad values."""
-    unknown = _unknown(cfg, default_config())
+    unknown = unknown_fields(cfg, default_config(), open_keys=("overrides",))
     if unknown:
         raise ValueError(f"unknown config field(s) {unknown}; see soft_jax/train_config.py")
     if cfg.mode not in MODES:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from soft_jax.train_config import unknown_fields
+
 TASKS = ("loss", "gsm8k", "triviaqa", "generate", "sortedness", "pairwise")
 
 
@@ -87,20 +89,11 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _unknown(cfg, ref, prefix="") -> list[str]:
-    out = []
-    for key in cfg.keys():
-        name = f"{prefix}{key}"
-        if key not in ref:
-            out.append(name)
-        elif isinstance(ref[key], ml_collections.ConfigDict):
-            out += _unknown(cfg[key], ref[key], name + ".")
-    return out
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming the first bad field (unknown fields and tasks included)."""
-    unknown = _unknown(cfg, default_config())
+    unknown = unknown_fields(cfg, default_config())
     if unknown:
         raise ValueError(f"unknown eval config field(s) {unknown}; see soft_jax/eval/config.py")
     tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
