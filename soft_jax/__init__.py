@@ -8,4 +8,4 @@ from soft_jax.generate import generate  # the function shadows the module; -m st
 from soft_jax import eval  # noqa: E402,A004  soft_jax.eval.* after a plain `import soft_jax`
 
 __all__ = ["LlamaConfig", "preset", "load_hf", "save_hf", "exit_loss", "exit_logits",
-           "exit_hidden_states", "init_params"]
+           "exit_hidden_states", "init_params", "generate", "eval"]

@@ -12,18 +12,9 @@ import time
 from pathlib import Path
 
 from soft_jax.train import train
+from soft_jax.train_config import load_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_config(path: Path):
-    """`get_config()` of an ml_collections config file."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def per_exit_table(results: dict[str, dict]) -> str:
@@ -69,7 +60,7 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    base = load_config(Path(args.config))
+    base = load_config_file(args.config)
     out = Path(args.out or base.workdir)
     t0 = time.perf_counter()
     results, walls = {}, {}

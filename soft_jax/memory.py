@@ -134,7 +134,6 @@ def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: i
     c = config
     cb = _nbytes(c.dtype)
     n = rows * seq  # tokens per device per micro-batch
-    tp = mesh["tensor"]
     exits = (c.num_layers,) if mode == "sft" else c.resolved_exits
     e = len(exits)
     d, f, v, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_head_dim

@@ -91,6 +91,22 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def load_config_file(path) -> ml_collections.ConfigDict:
+    """`get_config()` of an ml_collections config .py file (configs/*.py)."""
+    import importlib.util
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {str(path)!r} has no get_config()")
+    return module.get_config()
+
+
 def unknown_fields(cfg, ref, open_keys=(), prefix="") -> list[str]:
     """Dotted names of fields in `cfg` that the schema `ref` lacks (`open_keys` take any)."""
     out = []

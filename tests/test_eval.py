@@ -6,7 +6,6 @@ import importlib.resources
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 

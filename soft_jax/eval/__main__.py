@@ -13,27 +13,13 @@ per-example JSONL files into the output folder.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
-from pathlib import Path
 
 import ml_collections
 
 from soft_jax.eval.config import TASKS, default_config
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """`get_config()` of a config .py file."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--config {path!r} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_eval_config_{p.stem}", p)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {path!r} has no get_config()")
-    return module.get_config()
+from soft_jax.train_config import load_config_file
 
 
 def _parse_value(old, text: str):
