@@ -181,10 +181,11 @@ def test_tpu_multislice_and_real_run_calls_gcloud_exactly_as_printed(tmp_path):
     assert [shlex.split(ln)[5] for ln in printed[1:]] == ["ms-0", "ms-1"]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    log = tmp_path / "gcloud.log"
-    _stub(bin_dir, "gcloud", f'printf "%q " gcloud "$@" >> {log}; echo >> {log}\n')
+    calls = tmp_path / "calls"  # one file per call: the slices' ssh calls run concurrently
+    calls.mkdir()
+    _stub(bin_dir, "gcloud", f'printf "%q " gcloud "$@" > "$(mktemp {calls}/call.XXXXXX)"\n')
     run([LAUNCH / "tpu_pod.sh", *args], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
-    called = sorted(shlex.split(ln) for ln in log.read_text().splitlines())
+    called = sorted(shlex.split(f.read_text()) for f in calls.iterdir())
     assert called == sorted(shlex.split(ln) for ln in printed[1:])
     assert detect_tpu_env()
 
