@@ -245,12 +245,7 @@ def test_sortedness_kl_and_cosine_match_numpy(tiny):
 def _cfg(out, hf, **kw):
     c = default_config()
     c.hf, c.out_dir, c.batch_size, c.max_prompt_tokens = str(hf), str(out), 4, 192
-    for k, v in kw.items():
-        node = c
-        *path, last = k.split("__")
-        for part in path:
-            node = node[part]
-        node[last] = v
+    c.update_from_flattened_dict({k.replace("__", "."): v for k, v in kw.items()})
     return c
 
 

@@ -36,12 +36,7 @@ def small_config(workdir, **kw):
     c.eval_batches = 1
     c.optimizer.lr = 1e-2
     c.optimizer.warmup_steps = 2
-    for k, v in kw.items():
-        obj = c
-        *path, last = k.split(".")
-        for p in path:
-            obj = obj[p]
-        obj[last] = v
+    c.update_from_flattened_dict(kw)
     return c
 
 
