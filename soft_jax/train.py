@@ -104,12 +104,8 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
         params = None
     elif is_hf_folder(src) or not Path(src).exists():  # a HF folder or hub name
         config, params = load_hf(src, dtype=cfg.model.param_dtype)
-    elif mesh is not None:
-        config, params = load_params(src, mesh=mesh, rules=rules,
-                                     dtype=cfg.model.param_dtype)
-    else:
-        config, params = load_params(src)
-        params = jax.tree.map(lambda a: jnp.asarray(a, config.weight_dtype), params)
+    else:  # a soft_jax checkpoint, restored shard by shard in the run's param dtype
+        config, params = load_params(src, mesh=mesh, rules=rules, dtype=cfg.model.param_dtype)
     exits = normalize_exits(tuple(cfg.exits) or config.exits, config.num_layers)
     weights = tuple(cfg.exit_weights) or None
     config = config.replace(exits=exits, exit_weights=weights, **model_fields,
