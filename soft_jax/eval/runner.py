@@ -124,9 +124,10 @@ def encode_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
 
 
 def generate_ids(model: Model, prompts: list[list[int]], exit_layer: int, max_new_tokens: int,
-                 batch_size: int) -> list[list[int]]:
-    """Greedy continuations (prompt excluded) of token-id prompts with sub-model `exit_layer`;
-    prompts are batched by length (left-padded by soft_jax.generate)."""
+                 batch_size: int, **generate_kw) -> list[list[int]]:
+    """Continuations (prompt excluded) of token-id prompts with sub-model `exit_layer`;
+    prompts are batched by length (left-padded by soft_jax.generate). Greedy unless
+    `generate_kw` (soft_jax.generate's keywords: temperature, stop_tokens, ...) say else."""
     from soft_jax.generate import generate
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -137,7 +138,7 @@ def generate_ids(model: Model, prompts: list[list[int]], exit_layer: int, max_ne
         with warnings.catch_warnings():  # cache donation is a no-op on CPU
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             toks = generate(model.config, model.params, batch, max_new_tokens,
-                            exit_layer=exit_layer).tokens
+                            exit_layer=exit_layer, **generate_kw).tokens
         for i, t in zip(idx, toks):
             out[i] = list(t)
     return out
