@@ -219,9 +219,9 @@ class SoftJaxLM(TemplateLM):
 
 # ------------------------------------------------------------------------------ CLI
 def _metric_columns(task_results: dict) -> dict[str, float]:
-    """{"metric,filter": value} without stderr entries and aliases."""
+    """{"metric,filter": value} without stderr entries, aliases and sample counts."""
     return {k: float(v) for k, v in task_results.items()
-            if "_stderr" not in k and k != "alias" and isinstance(v, (int, float))}
+            if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
 
 
 def run_exits(model: Model, exits, tasks: list[str], out: Path, include_paths=(),
@@ -235,8 +235,10 @@ def run_exits(model: Model, exits, tasks: list[str], out: Path, include_paths=()
     from soft_jax.eval.report import line_figure
 
     out.mkdir(parents=True, exist_ok=True)
-    tm = TaskManager(include_path=[str(write_offline_tasks(out / "tasks")),
-                                   *map(str, include_paths)])
+    paths = [str(write_offline_tasks(out / "tasks")), *map(str, include_paths)]
+    tm = TaskManager(include_path=paths, include_defaults=False)
+    if any(t not in tm.all_tasks for t in tasks):  # indexing lm-eval's own tasks takes ~10 s
+        tm = TaskManager(include_path=paths)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {unknown}; offline ones are soft_gsm8k, "
@@ -251,6 +253,7 @@ def run_exits(model: Model, exits, tasks: list[str], out: Path, include_paths=()
                               log_samples=True)
         seconds[str(e)] = round(time.perf_counter() - t0, 2)
         table[str(e)] = {t: _metric_columns(res["results"][t]) for t in tasks}
+        documents = {t: res["n-samples"][t]["effective"] for t in tasks}
         with open(out / f"samples_exit{e}.jsonl", "w") as f:
             for t in tasks:
                 for s in res["samples"][t]:
@@ -260,7 +263,7 @@ def run_exits(model: Model, exits, tasks: list[str], out: Path, include_paths=()
             for t, m in table[str(e)].items()) + f" ({seconds[str(e)]}s)", flush=True)
     result = {"model": model.source, "num_layers": model.config.num_layers,
               "exits": [int(e) for e in exits], "tasks": list(tasks), "limit": limit,
-              "num_fewshot": num_fewshot, "results": table, "seconds_per_exit": seconds,
+              "num_fewshot": num_fewshot, "documents": documents, "results": table, "seconds_per_exit": seconds,
               "seconds": round(time.perf_counter() - t_all, 2)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     cols = [(t, m) for t in tasks for m in table[str(exits[0])][t]]

@@ -80,8 +80,10 @@ def task_configs(data_dir: Path) -> dict[str, dict]:
         "soft_gsm8k_ppl": _json_task(
             "soft_gsm8k_ppl", gsm8k, output_type="loglikelihood_rolling", doc_to_text="",
             doc_to_target="{{question}}",
-            metric_list=[{"metric": m} for m in ("word_perplexity", "byte_perplexity",
-                                                 "bits_per_byte")],
+            metric_list=[{"metric": m, "aggregation": a, "higher_is_better": False}
+                         for m, a in (("word_perplexity", "weighted_perplexity"),
+                                      ("byte_perplexity", "weighted_perplexity"),
+                                      ("bits_per_byte", "bits_per_byte"))],
             metadata={"version": 1.0}),
         "soft_arith_mc": _json_task(
             "soft_arith_mc", data_dir / "arith_mc.jsonl", output_type="multiple_choice",
