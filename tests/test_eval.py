@@ -236,11 +236,41 @@ def tiny(tmp_path_factory):
 def test_hf_judge_runs_end_to_end(tiny):
     _, folder, _ = tiny
     judge = pw.make_judge(f"hf:{folder}", max_new_tokens=3, batch_size=2)
-    assert "PandaLM-format" in judge.name
+    assert "PandaLM-format" in judge.name and "beam" in judge.name
+    # PandaLM's inference script: beam search with 4 beams, repetition penalty 1.2
+    assert judge.generate_kwargs == {"num_beams": 4, "early_stopping": True,
+                                     "repetition_penalty": 1.2, "do_sample": False,
+                                     "max_new_tokens": 3}
     examples = [{"instruction": "Add 2 and 2.", "input": ""},
                 {"instruction": "Name a color.", "input": "one word"}]
     c = pw.count_pairwise(judge, examples, ["4", "red"], ["5", "blue"])
     assert c.total == 2 and c.wins + c.losses + c.ties == 2  # random model: mostly ties
+    greedy = pw.HFJudge(str(folder), max_new_tokens=2, decoding="greedy")
+    assert greedy.generate_kwargs["num_beams"] == 1 and "greedy" in greedy.name
+    assert len(greedy.judge_many([pw.Request("Add 2 and 2.", "", "4", "5")])) == 1
+    assert pw.HFJudge(str(folder)).generate_kwargs["max_new_tokens"] == 512  # the default
+    with pytest.raises(ValueError, match="judge_decoding"):
+        pw.HFJudge(str(folder), decoding="sample")
+
+
+def test_hf_judge_shortens_responses_never_the_instruction(tiny):
+    _, folder, _ = tiny
+    instruction = "Janet has 16 eggs and eats 3. How many are left? Explain step by step."
+    judge = pw.HFJudge(str(folder), max_new_tokens=4)
+    limit = judge._length(pw.pandalm_prompt(instruction, "", "", "")) + 60
+    judge.max_prompt_tokens = limit
+    long_a, short_b = "She has 16 eggs. " * 40, "13 eggs."
+    prompt = judge.fit_prompt(pw.Request(instruction, "", long_a, short_b))
+    assert judge._length(prompt) <= limit
+    assert f"### Instruction:\n{instruction}\n\n" in prompt  # whole
+    assert "### Response 2:\n13 eggs.\n\n" in prompt  # the short one keeps all of itself
+    r1 = prompt.split("### Response 1:\n")[1].split("\n\n### Response 2")[0]
+    assert long_a.startswith(r1) and 20 < len(r1) < len(long_a)  # cut from the end
+    both = judge.fit_prompt(pw.Request(instruction, "", long_a, long_a))
+    parts = both.split("### Response 1:\n")[1].split("\n\n### Response 2:\n")
+    assert abs(len(parts[0]) - len(parts[1].split("\n\n### Evaluation")[0])) < 20  # shared
+    with pytest.raises(ValueError, match="instruction"):
+        judge.fit_prompt(pw.Request(instruction * 9, "", "a", "b"))
 
 
 def _toy_model(folder):

@@ -418,7 +418,7 @@ def task_pairwise(cfg, model: Model, exits, out: Path, ctx: dict) -> dict:
     if name_a == name_b:
         name_b = f"{name_b} (same model)" if gens_b is gens_a else f"{name_b} (B)"
     judge = pw.make_judge(c.judge, c.judge_tokenizer, c.judge_max_new_tokens,
-                          c.judge_batch_size)
+                          c.judge_batch_size, c.judge_decoding)
     t0 = time.perf_counter()
     matrix = pw.pairwise_matrix(judge, items, gens_a, gens_b)
     log(f"pairwise: {len(gens_a)} x {len(gens_b)} pairs x {len(items)} instructions x 2 orders "
