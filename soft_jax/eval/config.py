@@ -72,7 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.pairwise = ml_collections.ConfigDict()
     c.pairwise.judge = "rouge-l"  # "rouge-l" (offline, reference-based) | "hf:FOLDER" (PandaLM)
     c.pairwise.judge_tokenizer = ""  # "" = the judge folder's tokenizer
-    c.pairwise.judge_max_new_tokens = 16
+    c.pairwise.judge_decoding = "beam"  # PandaLM's: 4 beams, repetition penalty 1.2 | greedy
+    c.pairwise.judge_max_new_tokens = 512  # PandaLM's limit (the verdict is the first line)
     c.pairwise.judge_batch_size = 4
     c.pairwise.a_generations = ""  # generations.jsonl of model A; "" = generate now
     c.pairwise.b_generations = ""  # of model B; "" = generate with `second` (or model A)
@@ -131,6 +132,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.sortedness.response not in ("reference", "generated"):
         raise ValueError(f"config.sortedness.response={cfg.sortedness.response!r}; expected "
                          "'reference' or 'generated'")
+    if cfg.pairwise.judge_decoding not in ("beam", "greedy"):
+        raise ValueError(f"config.pairwise.judge_decoding={cfg.pairwise.judge_decoding!r}; "
+                         "expected 'beam' (PandaLM's) or 'greedy'")
     judge = cfg.pairwise.judge
     if judge not in ("rouge-l",) and not judge.startswith("hf:"):
         raise ValueError(f"config.pairwise.judge={judge!r}; expected 'rouge-l' or 'hf:FOLDER'")

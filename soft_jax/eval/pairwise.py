@@ -6,10 +6,20 @@ score = (wins - losses) / total, total = number of instructions.
 
 Judges are pluggable: anything with a `name` and `judge_many(requests) -> [raw text]`.
   * `HFJudge(folder)`: any Hugging Face causal-LM folder (PandaLM-7B in the paper) prompted
-    with PandaLM's format; the verdict is read from the first line of its greedy output.
+    with PandaLM's format and decoded as PandaLM's inference script does by default
+    (`decoding="beam"`: 4 beams, early stopping, repetition penalty 1.2, up to 512 new
+    tokens); `decoding="greedy"` is plain greedy decoding. When a prompt is too long, the
+    two responses are shortened (from their ends, sharing the room), never the instruction.
   * `RougeLJudge()`: an offline, reference-based stand-in (the response with the higher
     ROUGE-L F1 against the gold answer wins). Its name says so in every output.
 Unparsable verdicts count as ties (and are counted separately).
+
+Remaining differences from PandaLM's own pipeline (WeOpenML/PandaLM,
+pandalm/utils/pandalm_inference.py): it judges one order (response 1 = the first candidate)
+where we judge both and average; it runs one prompt at a time without padding where we batch
+with left padding; it never truncates (we shorten responses to fit the judge's context);
+its parser takes the first output line exactly "1" / "2" (anything else, "Tie" included,
+is a tie) while ours also accepts "1." and "Response 2" and counts unparsable outputs.
 """
 
 from __future__ import annotations
@@ -191,54 +201,96 @@ class RougeLJudge:
         return out
 
 
+DECODINGS = {  # HF generate() settings per named decoding
+    "beam": {"num_beams": 4, "early_stopping": True, "repetition_penalty": 1.2},  # PandaLM's
+    "greedy": {"num_beams": 1},
+}
+
+
 class HFJudge:
     """A Hugging Face causal LM (e.g. WeOpenML/PandaLM-7B-v1) prompted in PandaLM's format,
-    run with torch (CPU is fine for small models); greedy, `max_new_tokens` per verdict."""
+    run with torch (CPU is fine for small models); `decoding` is "beam" (PandaLM's) or
+    "greedy"; prompts longer than `max_prompt_tokens` (default: the judge's context minus
+    `max_new_tokens`) get shorter responses."""
 
-    def __init__(self, folder: str, tokenizer: str | None = None, max_new_tokens: int = 16,
-                 batch_size: int = 4, max_prompt_tokens: int = 2048, dtype: str = "float32"):
+    def __init__(self, folder: str, tokenizer: str | None = None, max_new_tokens: int = 512,
+                 batch_size: int = 4, max_prompt_tokens: int | None = None,
+                 dtype: str = "float32", decoding: str = "beam"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"pairwise.judge: HF judge folder {folder!r} does not exist")
-        self.name = f"PandaLM-format HF judge: {folder}"
+        if decoding not in DECODINGS:
+            raise ValueError(f"pairwise.judge_decoding={decoding!r}; expected one of "
+                             f"{sorted(DECODINGS)}")
+        self.decoding = decoding
+        self.name = f"PandaLM-format HF judge ({decoding} decoding): {folder}"
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer or folder)
         self.tokenizer.padding_side = "left"
-        self.tokenizer.truncation_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=getattr(torch, dtype)).eval()
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
-        self.max_prompt_tokens = int(max_prompt_tokens)
+        context = getattr(self.model.config, "max_position_embeddings", 2048)
+        self.max_prompt_tokens = int(max_prompt_tokens or context - self.max_new_tokens)
+        self.generate_kwargs = {**DECODINGS[decoding], "do_sample": False,
+                                "max_new_tokens": self.max_new_tokens}
+
+    def _length(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def fit_prompt(self, r: Request) -> str:
+        """PandaLM's prompt for `r`, its responses shortened (from the end, sharing the room
+        evenly) until it fits max_prompt_tokens; the instruction and input are kept whole."""
+        prompt = pandalm_prompt(r.instruction, r.input, r.response1, r.response2)
+        over = self._length(prompt) - self.max_prompt_tokens
+        if over <= 0:
+            return prompt
+        room = self.max_prompt_tokens - self._length(pandalm_prompt(r.instruction, r.input,
+                                                                    "", ""))
+        toks = [self.tokenizer.encode(_SPECIAL.sub("", x.strip()).strip(),
+                                      add_special_tokens=False)
+                for x in (r.response1, r.response2)]
+        while room > 0:
+            n1 = min(len(toks[0]), max(room // 2, room - len(toks[1])))
+            n2 = min(len(toks[1]), room - n1)
+            prompt = pandalm_prompt(r.instruction, r.input,
+                                    self.tokenizer.decode(toks[0][:n1]),
+                                    self.tokenizer.decode(toks[1][:n2]))
+            over = self._length(prompt) - self.max_prompt_tokens
+            if over <= 0:
+                return prompt
+            room -= over  # re-tokenising the cut text can merge differently: cut more
+        raise ValueError(f"pairwise: the instruction (and input) alone need more than the "
+                         f"judge's {self.max_prompt_tokens} prompt tokens: "
+                         f"{r.instruction[:60]!r}")
 
     def judge_many(self, requests: Sequence[Request]) -> list[str]:
         import torch
 
         out = []
         for s in range(0, len(requests), self.batch_size):
-            chunk = requests[s:s + self.batch_size]
-            prompts = [pandalm_prompt(r.instruction, r.input, r.response1, r.response2)
-                       for r in chunk]
-            enc = self.tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                                 max_length=self.max_prompt_tokens)
+            prompts = [self.fit_prompt(r) for r in requests[s:s + self.batch_size]]
+            enc = self.tokenizer(prompts, return_tensors="pt", padding=True)
             with torch.no_grad():
-                gen = self.model.generate(**enc, do_sample=False, num_beams=1,
-                                          max_new_tokens=self.max_new_tokens,
+                gen = self.model.generate(**enc, **self.generate_kwargs,
                                           pad_token_id=self.tokenizer.pad_token_id)
             new = gen[:, enc["input_ids"].shape[1]:]
             out += self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return out
 
 
-def make_judge(spec: str, tokenizer: str = "", max_new_tokens: int = 16,
-               batch_size: int = 4) -> Judge:
-    """"rouge-l" (offline, reference-based) or "hf:FOLDER" (PandaLM format)."""
+def make_judge(spec: str, tokenizer: str = "", max_new_tokens: int = 512,
+               batch_size: int = 4, decoding: str = "beam") -> Judge:
+    """"rouge-l" (offline, reference-based) or "hf:FOLDER" (PandaLM format; `decoding`
+    "beam" = PandaLM's, or "greedy")."""
     if spec in ("rouge-l", "rouge_l", "rougel"):
         return RougeLJudge()
     if spec.startswith("hf:"):
-        return HFJudge(spec[3:], tokenizer or None, max_new_tokens, batch_size)
+        return HFJudge(spec[3:], tokenizer or None, max_new_tokens, batch_size,
+                       decoding=decoding)
     raise ValueError(f"pairwise.judge={spec!r}; expected 'rouge-l' (offline, reference-based) "
                      "or 'hf:FOLDER' (a causal LM prompted in PandaLM's format)")
 

@@ -155,6 +155,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _gsm8k_cells(c: dict) -> list[str]:
+    """Our accuracy (correct/total), then lm-eval's strict-match and flexible-extract."""
+    return [f"{_fmt(c['accuracy'])} ({c['correct']}/{c['total']})",
+            _fmt(c.get("lm_eval_strict_match")), _fmt(c.get("lm_eval_flexible_extract"))]
+
+
 def write_report(results: dict, out: Path) -> Path:
     """report.md (+ figures) from a results dict produced by runner.run_eval."""
     out = Path(out)
@@ -192,14 +198,19 @@ def write_report(results: dict, out: Path) -> Path:
         settings = list(r["per_setting"])
         md += ["## GSM8K accuracy per exit", "",
                f"Data: `{r['source']}`, {r['examples']} problems; greedy, at most "
-               f"{r['max_new_tokens']} new tokens; answer = number after `####`, else the last "
-               f"number (canonicalised); few-shot exemplars: the first k rows of "
-               f"`{r['few_shot_source']}`. Per-example outputs: `{r['predictions']}`.", "",
-               _table(["exit"] + [f"{s} accuracy" for s in settings],
-                      [[str(e)] + [f"{_fmt(r['per_setting'][s][str(e)]['accuracy'])} "
-                                   f"({r['per_setting'][s][str(e)]['correct']}/"
-                                   f"{r['per_setting'][s][str(e)]['total']})"
-                                   for s in settings] for e in exits]), ""]
+               f"{r['max_new_tokens']} new tokens, cut at the next `Question:`; few-shot "
+               f"exemplars: the first k rows of `{r['few_shot_source']}`. Per-example outputs: "
+               f"`{r['predictions']}`.", "",
+               "Three scores of the same generations: **ours** (lenient: the number after "
+               "`####`, else the last number, canonicalised so `$1,000.00` == `1000`), and "
+               "lm-evaluation-harness's **strict-match** (the first `#### N` only) and "
+               "**flexible-extract** (the last number-like run), with lm-eval's exact match; "
+               "the lm-eval columns are the ones comparable with published lm-eval GSM8K "
+               "figures.", "",
+               _table(["exit"] + [f"{s} {col}" for s in settings
+                                  for col in ("ours", "strict-match", "flexible-extract")],
+                      [[str(e)] + [x for s in settings for x in _gsm8k_cells(
+                          r["per_setting"][s][str(e)])] for e in exits]), ""]
         line_figure(out / "gsm8k_accuracy.png", exits,
                     {s: [r["per_setting"][s][str(e)]["accuracy"] for e in exits]
                      for s in settings}, "accuracy", f"GSM8K accuracy per exit ({m['name']})",
@@ -211,8 +222,9 @@ def write_report(results: dict, out: Path) -> Path:
         md += ["## TriviaQA exact match per exit", "",
                f"Data: `{r['source']}`, {r['examples']} questions, {r['shots']}-shot; greedy, at "
                f"most {r['max_new_tokens']} new tokens; prediction = first line of the output. "
-               "Case-sensitive EM (the paper's) and normalised EM (lowercase, punctuation and "
-               "articles removed), both against all aliases.", "",
+               "Case-sensitive EM (the paper's) and normalised EM (the official TriviaQA "
+               "normaliser: lowercase, punctuation and `_` to spaces, articles removed), both "
+               "against all aliases.", "",
                _table(["exit", "EM case-sensitive (paper)", "EM normalised"],
                       [[str(e), _fmt(r["per_exit"][str(e)]["em_case_sensitive"]),
                         _fmt(r["per_exit"][str(e)]["em_normalized"])] for e in exits]), ""]

@@ -16,8 +16,9 @@ from soft_jax.config import LlamaConfig
 from soft_jax.eval import pairwise as pw
 from soft_jax.eval import sortedness as srt
 from soft_jax.eval.config import validate
-from soft_jax.eval.scoring import (cut_at_next_question, extract_gsm8k_answer,
-                                   triviaqa_exact_match, triviaqa_prediction)
+from soft_jax.eval.scoring import (LM_EVAL_GSM8K_FILTERS, cut_at_next_question,
+                                   extract_gsm8k_answer, lm_eval_gsm8k, triviaqa_exact_match,
+                                   triviaqa_prediction)
 
 
 def log(msg: str) -> None:
@@ -122,51 +123,22 @@ def encode_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
     return bos + ids[-keep:] if len(ids) > keep else bos + ids
 
 
-def _fallback_generate(config, params, prompts, max_new_tokens, exit_layer):
-    """Greedy decoding by full recomputation over `exit_logits`, one prompt at a time (used
-    only when soft_jax.generate is unavailable). The sequence is right-padded to its final
-    length so each prompt compiles once (causal attention ignores the padding)."""
-    from soft_jax.model import exit_logits
-
-    eos = config.eos_token_id
-    stops = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-    out = []
-    for p in prompts:
-        seq = np.zeros((1, len(p) + max_new_tokens), np.int32)
-        seq[0, :len(p)] = p
-        new = []
-        for i in range(max_new_tokens):
-            logits = exit_logits(config, params, seq, exits=(exit_layer,))[exit_layer]
-            tok = int(np.asarray(logits[0, len(p) + i - 1]).argmax())
-            new.append(tok)
-            seq[0, len(p) + i] = tok
-            if tok in stops:
-                break
-        out.append(new)
-    return out
-
-
 def generate_ids(model: Model, prompts: list[list[int]], exit_layer: int, max_new_tokens: int,
-                 batch_size: int) -> list[list[int]]:
-    """Greedy continuations (prompt excluded) of token-id prompts with sub-model `exit_layer`;
-    prompts are batched by length (left-padded by soft_jax.generate)."""
-    try:
-        from soft_jax.generate import generate
-    except ImportError:  # pragma: no cover - the decoding module is part of the package
-        generate = None
+                 batch_size: int, **generate_kw) -> list[list[int]]:
+    """Continuations (prompt excluded) of token-id prompts with sub-model `exit_layer`;
+    prompts are batched by length (left-padded by soft_jax.generate). Greedy unless
+    `generate_kw` (soft_jax.generate's keywords: temperature, stop_tokens, ...) say else."""
+    from soft_jax.generate import generate
+
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         batch = [prompts[i] for i in idx]
-        if generate is None:
-            toks = _fallback_generate(model.config, model.params, batch, max_new_tokens,
-                                      exit_layer)
-        else:
-            with warnings.catch_warnings():  # cache donation is a no-op on CPU
-                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-                toks = generate(model.config, model.params, batch, max_new_tokens,
-                                exit_layer=exit_layer).tokens
+        with warnings.catch_warnings():  # cache donation is a no-op on CPU
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            toks = generate(model.config, model.params, batch, max_new_tokens,
+                            exit_layer=exit_layer, **generate_kw).tokens
         for i, t in zip(idx, toks):
             out[i] = list(t)
     return out
@@ -308,18 +280,27 @@ def task_gsm8k(cfg, model: Model, exits, out: Path, ctx: dict) -> dict:
             outs = generate_texts(model, prompts, e, c.max_new_tokens, cfg.batch_size,
                                   cfg.max_prompt_tokens)
             correct = no_answer = 0
+            lm = dict.fromkeys(LM_EVAL_GSM8K_FILTERS, 0)
             for i, o in enumerate(outs):
-                pred = extract_gsm8k_answer(cut_at_next_question(o))
+                cut = cut_at_next_question(o)
+                pred = extract_gsm8k_answer(cut)
                 ok = golds[i] is not None and pred == golds[i]
+                theirs = lm_eval_gsm8k(cut, rows[i]["answer"])
                 correct += ok
                 no_answer += pred is None
+                for name, hit in theirs.items():
+                    lm[name] += hit
                 preds_out.append({"shots": k, "exit": e, "id": i, "question": rows[i]["question"],
                                   "output": o, "prediction": pred, "gold": golds[i],
-                                  "correct": bool(ok)})
+                                  "correct": bool(ok), "lm_eval": theirs})
             per_exit[str(e)] = {"accuracy": correct / len(rows), "correct": correct,
-                                "total": len(rows), "no_answer": no_answer}
+                                "total": len(rows), "no_answer": no_answer,
+                                **{f"lm_eval_{n.replace('-', '_')}": c / len(rows)
+                                   for n, c in lm.items()}}
             log(f"gsm8k {k}-shot exit {e:>3}: accuracy {correct}/{len(rows)} = "
-                f"{correct / len(rows):.3f} ({time.perf_counter() - t0:.1f}s)")
+                f"{correct / len(rows):.3f} (lm-eval strict-match "
+                f"{lm['strict-match'] / len(rows):.3f}, flexible-extract "
+                f"{lm['flexible-extract'] / len(rows):.3f}) ({time.perf_counter() - t0:.1f}s)")
         results[f"{k}-shot"] = per_exit
     write_jsonl(out / "gsm8k_predictions.jsonl", preds_out)
     return {"source": c.source, "examples": len(rows), "max_new_tokens": c.max_new_tokens,
@@ -437,7 +418,7 @@ def task_pairwise(cfg, model: Model, exits, out: Path, ctx: dict) -> dict:
     if name_a == name_b:
         name_b = f"{name_b} (same model)" if gens_b is gens_a else f"{name_b} (B)"
     judge = pw.make_judge(c.judge, c.judge_tokenizer, c.judge_max_new_tokens,
-                          c.judge_batch_size)
+                          c.judge_batch_size, c.judge_decoding)
     t0 = time.perf_counter()
     matrix = pw.pairwise_matrix(judge, items, gens_a, gens_b)
     log(f"pairwise: {len(gens_a)} x {len(gens_b)} pairs x {len(items)} instructions x 2 orders "
