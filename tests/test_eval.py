@@ -4,6 +4,9 @@ GSM8K end to end on the packaged test file, the CLI and its error messages."""
 
 import importlib.resources
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -420,6 +423,8 @@ def _trivia(tmp_path):
     (["--hf", "HF", "--exits", "2,7"], "config.exits"),
     (["--hf", "HF", "--exits", "0"], "config.exits"),
     (["--hf", "HF", "--config.nope=1"], "config.nope"),
+    (["--hf", "HF", "--config.gsm8k.nope", "1"], "config.gsm8k.nope"),
+    (["--hf", "HF", "--config.batch_size=four"], "config.batch_size"),
     (["--tasks", "loss"], "config.ckpt / config.hf"),
     (["--hf", "HF", "--judge", "gpt"], "config.pairwise.judge"),
 ])
@@ -442,3 +447,24 @@ def test_eval_configs_load_and_validate():
                       "--config.gsm8k.shots=0,4", "--exits", "2,3"])
     assert cfg.hf == "x" and cfg.ckpt == "" and tuple(cfg.gsm8k.shots) == (0, 4)
     assert tuple(cfg.exits) == (2, 3)
+
+
+def test_nested_overrides_typed_by_the_schema():
+    cfg = parse_args(["--hf", "x", "--config.gsm8k.shots", "4", "--config.second.exits=1,2",
+                      "--config.pairwise.judge_batch_size=2", "--config.loss.source=a.jsonl",
+                      "--tasks", "loss,gsm8k", "--exits", "2,3", "--config.exits=3",
+                      "--config.second.name", "B"])
+    assert tuple(cfg.gsm8k.shots) == (4,) and tuple(cfg.second.exits) == (1, 2)
+    assert cfg.pairwise.judge_batch_size == 2 and cfg.loss.source == "a.jsonl"
+    assert tuple(cfg.tasks) == ("loss", "gsm8k") and cfg.second.name == "B"
+    assert tuple(cfg.exits) == (3,)  # --config.FIELD wins over the named flag
+    validate(cfg)
+
+
+def test_cli_unknown_nested_field_is_one_line_exit_2():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "soft_jax.eval", "--hf", "x",
+                        "--config.gsm8k.nope=1"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: unknown config field config.gsm8k.nope"

@@ -15,48 +15,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 
 import ml_collections
 
+from soft_jax.cli import apply_overrides
 from soft_jax.eval.config import TASKS, default_config
 from soft_jax.train_config import load_config_file
 
 
-def _parse_value(old, text: str):
-    if isinstance(old, bool):
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"expected true/false, got {text!r}")
-    if isinstance(old, int):
-        return int(text)
-    if isinstance(old, float):
-        return float(text)
-    if isinstance(old, (tuple, list)):
-        parts = [t.strip() for t in text.strip("()[] ").split(",") if t.strip()]
-        return tuple(int(t) if t.lstrip("-").isdigit() else t for t in parts)
-    return text
-
-
-def set_field(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
-    """cfg.<dotted> = text, parsed by the field's current type; unknown fields are errors."""
-    node, parts = cfg, dotted.split(".")
-    for part in parts[:-1]:
-        if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-            raise ValueError(f"unknown eval config field config.{dotted}")
-        node = node[part]
-    if parts[-1] not in node:
-        raise ValueError(f"unknown eval config field config.{dotted}")
-    try:
-        value = _parse_value(node[parts[-1]], text)
-    except ValueError as e:
-        raise ValueError(f"config.{dotted}: {e}") from None
-    with node.ignore_type():
-        node[parts[-1]] = value
-
-
-def parse_args(argv) -> ml_collections.ConfigDict:
+def parse_args(argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """The eval config: `--config FILE` (or the defaults), then named flags, then overrides."""
     p = argparse.ArgumentParser(prog="python -m soft_jax.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="eval config file (configs/eval/*.py)")
@@ -80,28 +49,15 @@ def parse_args(argv) -> ml_collections.ConfigDict:
         cfg.second.ckpt, cfg.second.hf = args.second_ckpt, ""
     if args.second_hf:
         cfg.second.hf, cfg.second.ckpt = args.second_hf, ""
-    for flag, field in (("tokenizer", "tokenizer"), ("exits", "exits"), ("tasks", "tasks"),
-                        ("out", "out_dir"), ("name", "name"), ("judge", "pairwise.judge")):
-        if getattr(args, flag) is not None:
-            set_field(cfg, field, getattr(args, flag))
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("--config."):
-            p.error(f"unrecognized argument {arg!r}")
-        if "=" in arg:
-            key, value = arg[len("--config."):].split("=", 1)
-        elif i + 1 < len(rest):
-            key, value = arg[len("--config."):], rest[i + 1]
-            i += 1
-        else:
-            p.error(f"{arg} needs a value")
-        set_field(cfg, key, value)
-        i += 1
-    return cfg
+    named = [f"--config.{field}={getattr(args, flag)}" for flag, field in (
+        ("tokenizer", "tokenizer"), ("exits", "exits"), ("tasks", "tasks"), ("out", "out_dir"),
+        ("name", "name"), ("judge", "pairwise.judge")) if getattr(args, flag) is not None]
+    # two passes: a --config.FIELD given on the command line wins over the named flag
+    return apply_overrides(apply_overrides(cfg, named), rest)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the eval CLI on `argv` (default: sys.argv[1:]); returns the exit status."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from soft_jax.eval.runner import run_eval
 
