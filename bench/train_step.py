@@ -24,7 +24,7 @@ used for every row. On a shared CPU that figure moves with the load: read CPU MF
 
 Peak memory: the device's `peak_bytes_in_use` where the backend reports it (GPU); else
 XLA's compile-time estimate, argument + output + temp - aliased (donated) bytes.
-Only jax, numpy, optax and soft_jax are imported (no datasets / ml_collections).
+Only jax, numpy, optax, ml_collections and soft_jax are imported (no datasets).
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def run_variant(args, variant: str) -> dict:
     from soft_jax.layers import attention_impl
     from soft_jax.loss import loss_fn, resolve_loss_impl
     from soft_jax.model import init_params
+    from soft_jax.train_config import train_exits
 
     kind, impl = variant.split("/")
     overrides = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat_policy=args.remat)
@@ -100,7 +101,7 @@ def run_variant(args, variant: str) -> dict:
         overrides["num_layers"] = args.layers
         overrides.setdefault("exits", None)
     config = preset(args.preset, **overrides)
-    exits = (config.num_layers,) if kind == "sft" else config.resolved_exits
+    exits = train_exits(config, kind)
     resolved = resolve_loss_impl(impl, len(exits), args.batch * args.seq, args.chunk_tokens,
                                  config.vocab_size)
     chunk = min(args.chunk_tokens or default_chunk_tokens(config.vocab_size),
@@ -133,7 +134,7 @@ def run_variant(args, variant: str) -> dict:
 
     for _ in range(args.warmup):
         params, opt_state, value = compiled(params, opt_state, batch)
-    jax.block_until_ready((params, opt_state, value))
+    jax.block_until_ready((params, opt_state))
     t0 = time.perf_counter()
     for _ in range(args.steps):  # no host sync inside the loop
         params, opt_state, value = compiled(params, opt_state, batch)
@@ -212,6 +213,9 @@ def report(args, rows: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> None:
+    """Run the variants (one subprocess each unless --in-process) and print the report."""
+    from soft_jax.config import REMAT_POLICIES
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small")
@@ -221,8 +225,7 @@ def main(argv=None) -> None:
     p.add_argument("--param-dtype", default="float32")
     p.add_argument("--layers", type=int, default=None, help="override num_layers")
     p.add_argument("--exits", default=None, help="comma-separated exits (default: preset's)")
-    p.add_argument("--remat", default="none",
-                   help="none | full | save_dots | save_qkv_out | save_mlp_out | offload_dots")
+    p.add_argument("--remat", default="none", help=" | ".join(REMAT_POLICIES))
     p.add_argument("--chunk-tokens", type=int, default=None)
     p.add_argument("--z-loss", type=float, default=0.0)
     p.add_argument("--lr", type=float, default=1e-5)

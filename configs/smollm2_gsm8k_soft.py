@@ -1,6 +1,7 @@
 """SoFT of a real SmolLM2-135M (LLaMA architecture) on the GSM8K demo split.
 
-Convert the packaged GGUF once (see README: "Real weights"), then:
+`model.init_from` is the hub name (fetched once); offline, point it at a Hugging Face folder
+of the model instead (see README: "Training"):
     python -m soft_jax.train --config configs/smollm2_gsm8k_soft.py \
         --config.model.init_from=/path/to/smollm2-hf
 """

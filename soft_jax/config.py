@@ -9,7 +9,23 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "linear", "llama3")
-REMAT_POLICIES = ("none", "full", "save_dots", "save_qkv_out", "save_mlp_out", "offload_dots")
+# What each remat policy keeps of a decoder layer for the backward pass, besides the layer
+# input: the checkpoint_name tags of layers.py (q/k after RoPE). None: no remat, every
+# intermediate stays alive. `save_dots` keeps every matmul output (they are all tagged);
+# `offload_dots` moves them to host memory, keeping none on the device. model.remat_policy
+# turns a name into the jax policy; soft_jax.memory counts the bytes of the kept tags.
+ATTN_TAGS = ("query_proj", "key_proj", "value_proj", "attn_out")
+MLP_TAGS = ("mlp_gate", "mlp_up", "mlp_out")
+REMAT_SAVES: dict[str, tuple[str, ...] | None] = {
+    "none": None,
+    "full": (),
+    "save_dots": ATTN_TAGS + MLP_TAGS,
+    "save_qkv_out": ATTN_TAGS,
+    "save_qkv_out_gate_up": ATTN_TAGS + ("mlp_gate", "mlp_up"),
+    "offload_dots": (),
+}
+REMAT_POLICIES = tuple(REMAT_SAVES)
+REMAT_ALIASES = {"save_mlp_out": "save_qkv_out_gate_up"}  # old name (saved configs still load)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +64,8 @@ class LlamaConfig:
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.exit_weights is not None:
             object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
+        if self.remat_policy in REMAT_ALIASES:
+            object.__setattr__(self, "remat_policy", REMAT_ALIASES[self.remat_policy])
         self.validate()
 
     # ----------------------------------------------------------------- derived
@@ -140,10 +158,6 @@ def normalize_exits(exits, num_layers: int) -> tuple[int, ...]:
         out.add(e)
     out.add(num_layers)
     return tuple(sorted(out))
-
-
-def _preset(**kw) -> LlamaConfig:
-    return LlamaConfig(**kw)
 
 
 PRESETS: dict[str, dict] = {

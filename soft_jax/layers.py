@@ -73,11 +73,14 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     return x * cos + rotated * sin
 
 
-def attention_impl(config: LlamaConfig, has_mask: bool, dtype) -> str:
-    """cuDNN's fused kernel on GPU for the plain causal case, XLA otherwise."""
+def attention_impl(config: LlamaConfig, has_mask: bool, dtype,
+                   backend: str | None = None) -> str:
+    """cuDNN's fused kernel on GPU for the plain causal case, XLA otherwise (`backend`:
+    the one to decide for, default jax's)."""
     if config.attention_impl is not None:
         return config.attention_impl
-    if not has_mask and jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+    on_gpu = (backend or jax.default_backend()) == "gpu"
+    if not has_mask and on_gpu and dtype in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "xla"
 
@@ -113,7 +116,6 @@ class Attention(nn.Module):
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=mask is None,
             implementation=attention_impl(cfg, mask is not None, q.dtype))
-        out = checkpoint_name(out, "attn_context")
         out = dense(cfg.hidden_size, (-2, -1), "o_proj")(out)
         return checkpoint_name(out, "attn_out"), cache
 

@@ -102,13 +102,14 @@ def exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: A
 
 
 def resolve_loss_impl(impl: str, n_exits: int, n_tokens: int, chunk_tokens: int | None = None,
-                      vocab_size: int = 32000) -> str:
-    """The concrete implementation `impl` means for |E| exits of `n_tokens` (= B*T) tokens."""
+                      vocab_size: int = 32000, backend: str | None = None) -> str:
+    """The concrete implementation `impl` means for |E| exits of `n_tokens` (= B*T) tokens
+    (`backend`: the one whose default chunk applies, default jax's)."""
     if impl not in LOSS_IMPLS:
         raise ValueError(f"loss impl {impl!r}; expected one of {LOSS_IMPLS}")
     if impl != "auto":
         return impl
-    chunk = chunk_tokens or default_chunk_tokens(vocab_size)
+    chunk = chunk_tokens or default_chunk_tokens(vocab_size, backend)
     return "chunked" if n_exits * n_tokens > 2 * chunk else "plain"
 
 

@@ -6,13 +6,15 @@
 No devices are needed: parameter shapes come from `jax.eval_shape` of the real init and each
 leaf's per-device shard from the same logical-axis rules the trainer uses
 (`sharding.logical_to_spec`, divisibility fallback included), so parameter, gradient and AdamW
-bytes are exact. Activations are a model of what the step keeps for the backward pass:
+bytes are exact; the trainable groups, the trained exits, the loss implementation and the
+attention kernel are the trainer's own choices (`train_config.trainable_keys` /
+`train_exits`, `loss.resolve_loss_impl`, `layers.attention_impl`). Activations are a model
+of what the step keeps for the backward pass:
 
 * per layer, under the remat policy: the layer input (the residual stream carried by the
-  scan, for every policy but "none") plus what the policy saves -- `save_dots`: the outputs of
-  q/k/v/o and gate/up/down matmuls; `save_qkv_out`: q, k, v, attention output;
-  `save_mlp_out`: those plus gate and up; `full`: nothing more; `none`: everything
-  (estimated: norms, attention probabilities, SwiGLU intermediates as well);
+  scan, for every policy but "none") plus the tagged activations the policy saves
+  (`config.REMAT_SAVES`); `none`: everything (estimated: norms, attention probabilities,
+  SwiGLU intermediates as well);
 * the exit buffer [exits, tokens, hidden] and its gradient;
 * the loss: plain = float32 logits of every exit kept for backward; chunked = one chunk of
   float32 logits (+ softmax and its gradient) and the hidden-state gradient buffer;
@@ -37,10 +39,18 @@ import numpy as np
 
 from soft_jax import sharding as shd
 from soft_jax.chunked_loss import default_chunk_tokens
-from soft_jax.config import DTYPES, LlamaConfig, preset
+from soft_jax.config import DTYPES, REMAT_POLICIES, REMAT_SAVES, LlamaConfig, preset
+from soft_jax.data import pack_examples
+from soft_jax.layers import attention_impl
+from soft_jax.loss import LOSS_IMPLS, resolve_loss_impl
+from soft_jax.train_config import MODES, exit_heads_for, train_exits, trainable_keys
 
 GiB = 2 ** 30
-BATCH_KEYS = {"input_ids": 4, "targets": 4, "loss_mask": 4, "positions": 4, "segment_ids": 4}
+# what the trainer feeds a step: the arrays of a packed batch, bytes per token
+_EMPTY_BATCH = pack_examples([], 1, pack=True)
+BATCH_KEYS = {k: v.dtype.itemsize for k, v in _EMPTY_BATCH.items()}
+# training batches carry segment ids, so the attention the step traces is the masked one
+_TRAIN_MASKED = "segment_ids" in _EMPTY_BATCH
 
 
 @dataclasses.dataclass
@@ -61,6 +71,11 @@ class Plan:
     items: dict  # name -> bytes (kept for the whole step)
     transient: dict  # name -> bytes (the peak's short-lived part)
     num_params: int
+
+    @property
+    def exits(self) -> tuple[int, ...]:
+        """The exits whose loss the step computes."""
+        return train_exits(self.config, self.mode)
 
     @property
     def state_bytes(self) -> int:
@@ -93,11 +108,12 @@ def _per_device(names, shape, mesh, rules, itemsize) -> int:
 
 
 def param_bytes(params_abstract, mesh: dict, rules=shd.RULES, keys=None) -> int:
-    """Exact per-device bytes of a params-like tree (leaves with .shape and .dtype)."""
+    """Exact per-device bytes of a params-like tree (leaves with .shape and .dtype), or of
+    its top-level groups `keys`."""
+    if keys is not None:
+        params_abstract = {k: params_abstract[k] for k in keys}
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params_abstract):
-        if keys is not None and shd._path_keys(path)[0] not in keys:
-            continue
         names = shd.logical_axes_for_path(path, len(leaf.shape))
         names = names if names is not None else (None,) * len(leaf.shape)
         total += _per_device(names, leaf.shape, mesh, rules, np.dtype(leaf.dtype).itemsize)
@@ -110,33 +126,67 @@ def abstract_params(config: LlamaConfig):
     return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
 
 
-def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: int = 1,
-         mode: str = "soft", rules=shd.RULES, loss_impl: str = "auto",
-         chunk_tokens: int | None = None, attention: str = "auto",
-         backend: str = "gpu") -> Plan:
-    """The per-device memory plan (bytes) of one step; `mesh` = {axis: size}."""
-    mesh = {a: int(mesh.get(a, 1)) for a in shd.MESH_AXES}
-    params = abstract_params(config)
-    keys = ("exit_heads",) if mode == "ict" else tuple(params)
-    p_bytes = param_bytes(params, mesh, rules)
-    trainable = param_bytes(params, mesh, rules, keys)
+def state_bytes(params, mesh: dict, rules, mode: str) -> dict:
+    """Per-device params, gradients and AdamW bytes: the optimizer covers the trainable
+    groups only (ICT: the exit heads)."""
+    trainable = param_bytes(params, mesh, rules, trainable_keys(params, mode))
     # AdamW: mu and nu mirror the trainable params; two int32 step counters (adam, schedule)
-    opt = 2 * trainable + 2 * 4
-    dp = mesh["data"] * mesh["fsdp"]
-    micro = batch // grad_accum
-    bspec = shd.logical_to_spec(shd.BATCH_AXES, (micro, seq), mesh, rules)
-    rows = shd.shard_shape((micro, seq), bspec, mesh)[0]
-    split = rows * dp == micro
-    in_spec = shd.logical_to_spec(shd.BATCH_AXES, (batch, seq), mesh, rules)
-    in_rows = shd.shard_shape((batch, seq), in_spec, mesh)[0]
-    batch_bytes = sum(BATCH_KEYS.values()) * in_rows * seq
+    return {"params": param_bytes(params, mesh, rules), "grads": trainable,
+            "optimizer": 2 * trainable + 2 * 4}
 
-    c = config
-    cb = _nbytes(c.dtype)
-    n = rows * seq  # tokens per device per micro-batch
-    exits = (c.num_layers,) if mode == "sft" else c.resolved_exits
-    e = len(exits)
-    d, f, v, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.kv_head_dim
+
+@dataclasses.dataclass(frozen=True)
+class Activations:
+    """Per-device sizes of one micro-batch's activations (`n` tokens per device)."""
+
+    n: int
+    itemsize: int  # compute dtype
+    d: int  # hidden, full width
+    d_act: int  # hidden as the residual stream is split
+    q_w: int  # query width (local heads x head_dim)
+    kv_w: int
+    f_w: int  # MLP width
+    v: int  # vocab as the logits are split
+    scores: int  # bytes of unfused attention logits + probabilities (0 when fused)
+
+    def tag_bytes(self, tag: str) -> int:
+        """Bytes of one checkpoint_name-tagged activation of a layer (layers.py)."""
+        width = {"query_proj": self.q_w, "key_proj": self.kv_w, "value_proj": self.kv_w,
+                 "attn_out": self.d, "mlp_gate": self.f_w, "mlp_up": self.f_w,
+                 "mlp_out": self.d}
+        return self.n * width[tag] * self.itemsize
+
+    @property
+    def residual(self) -> int:
+        return self.n * self.d_act * self.itemsize
+
+    @property
+    def layer_working_set(self) -> int:
+        """Every intermediate of one layer (estimate: q/k/v, norms, SwiGLU, attention)."""
+        n, cb = self.n, self.itemsize
+        qkv = n * (self.q_w + 2 * self.kv_w) * cb
+        return (self.residual + qkv + 4 * n * self.d * cb + 4 * n * self.f_w * cb
+                + n * self.q_w * cb + self.scores)
+
+    def saved_per_layer(self, policy: str) -> int:
+        """What the remat policy keeps of each layer: its input plus the tags it saves."""
+        saved = REMAT_SAVES[policy]
+        if saved is None:  # no remat: every intermediate stays alive
+            return self.layer_working_set
+        return self.residual + sum(self.tag_bytes(t) for t in saved)
+
+    def loss_bytes(self, impl: str, n_exits: int, chunk: int, global_tokens: int) -> int:
+        """The multi-exit loss kept for the backward pass."""
+        if impl == "plain":  # float32 logits of each exit kept (and their gradient at the peak)
+            return n_exits * self.n * self.v * 4 + self.n * self.v * 4
+        # one chunk of logits, softmax and d logits, the d hidden buffer and the float32
+        # head-gradient accumulator (soft_jax/chunked_loss.py)
+        return (3 * min(chunk, global_tokens) * self.v * 4 + n_exits * self.residual
+                + self.d * self.v * 4)
+
+
+def _activations(c: LlamaConfig, mesh: dict, rules, rows: int, seq: int,
+                 attention: str) -> Activations:
     table = dict(rules)
 
     def split_by(logical, size):  # per-device size of an activation dim under the rules
@@ -145,55 +195,49 @@ def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: i
         k = math.prod(mesh[a] for a in axes if a in mesh)
         return size // k if k and size % k == 0 else size
 
-    d_act = split_by("activation_embed", d)
-    q_w = split_by("activation_heads", c.num_heads) * hd
-    kv_w = split_by("activation_kv_heads", c.num_kv_heads) * hd
-    f_w = split_by("activation_mlp", f)
-    heads_local = split_by("activation_heads", c.num_heads)
+    heads = split_by("activation_heads", c.num_heads)
+    hd = c.kv_head_dim
+    scores = 2 * rows * heads * seq * seq * 4 if attention == "xla" else 0
+    return Activations(n=rows * seq, itemsize=_nbytes(c.dtype), d=c.hidden_size,
+                       d_act=split_by("activation_embed", c.hidden_size), q_w=heads * hd,
+                       kv_w=split_by("activation_kv_heads", c.num_kv_heads) * hd,
+                       f_w=split_by("activation_mlp", c.intermediate_size),
+                       v=split_by("activation_vocab", c.vocab_size), scores=int(scores))
 
-    residual = n * d_act * cb
-    qkv = n * (q_w + 2 * kv_w) * cb
-    policy = c.remat_policy
-    if policy == "full":
-        saved_layer = residual
-    elif policy == "save_dots":
-        saved_layer = residual + qkv + 2 * n * d * cb + 2 * n * f_w * cb
-    elif policy == "save_qkv_out":
-        saved_layer = residual + qkv + n * d * cb
-    elif policy == "save_mlp_out":
-        saved_layer = residual + qkv + n * d * cb + 2 * n * f_w * cb
-    elif policy == "offload_dots":  # dot outputs go to host memory
-        saved_layer = residual
-    else:  # "none": every intermediate of the layer stays alive (estimate)
-        saved_layer = (residual + qkv + 4 * n * d * cb + 4 * n * f_w * cb + n * q_w * cb
-                       + _scores(c, rows, seq, heads_local, attention, backend))
-    items = {"params": p_bytes, "grads": trainable, "optimizer": opt, "batch": batch_bytes,
-             "layers": c.num_layers * saved_layer,
-             "exit_buffer": 2 * e * n * d_act * cb}
+
+def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: int = 1,
+         mode: str = "soft", rules=shd.RULES, loss_impl: str = "auto",
+         chunk_tokens: int | None = None, attention: str = "auto",
+         backend: str = "gpu") -> Plan:
+    """The per-device memory plan (bytes) of one step; `mesh` = {axis: size}."""
+    mesh = {a: int(mesh.get(a, 1)) for a in shd.MESH_AXES}
+    c = config
+    params = abstract_params(c)
+    micro = batch // grad_accum
+    bspec = shd.logical_to_spec(shd.BATCH_AXES, (micro, seq), mesh, rules)
+    rows = shd.shard_shape((micro, seq), bspec, mesh)[0]
+    in_spec = shd.logical_to_spec(shd.BATCH_AXES, (batch, seq), mesh, rules)
+    in_rows = shd.shard_shape((batch, seq), in_spec, mesh)[0]
+    attention = _attention(c, attention, backend)
+    acts = _activations(c, mesh, rules, rows, seq, attention)
+    e = len(train_exits(c, mode))
+    items = {**state_bytes(params, mesh, rules, mode),
+             "batch": sum(BATCH_KEYS.values()) * in_rows * seq,
+             "layers": c.num_layers * acts.saved_per_layer(c.remat_policy),
+             "exit_buffer": 2 * e * acts.residual}
     global_tokens = micro * seq
-    chunk = int(chunk_tokens or default_chunk_tokens(v, backend))
-    impl = loss_impl
-    if impl == "auto":
-        impl = "chunked" if e * global_tokens > 2 * chunk else "plain"
-    v_local = split_by("activation_vocab", v)
-    if impl == "plain":  # float32 logits of each exit kept (and their gradient at the peak)
-        items["loss"] = e * n * v_local * 4 + n * v_local * 4
-    else:  # one chunk of logits, softmax and d logits, the d hidden buffer and the float32
-        # head-gradient accumulator (soft_jax/chunked_loss.py)
-        items["loss"] = (3 * min(chunk, global_tokens) * v_local * 4 + e * n * d_act * cb
-                         + d * v_local * 4)
+    chunk = int(chunk_tokens or default_chunk_tokens(c.vocab_size, backend))
+    impl = resolve_loss_impl(loss_impl, e, global_tokens, chunk, c.vocab_size, backend)
+    items["loss"] = acts.loss_bytes(impl, e, chunk, global_tokens)
     # one layer's weights, all-gathered over fsdp (still split over tensor), compute dtype
     gathered = param_bytes({"layers": params["layers"]}, mesh, _gathered_rules(rules))
-    layer_params = gathered // c.num_layers // _nbytes(c.param_dtype) * cb
-    transient = {
-        "layer_recompute": (residual + qkv + 4 * n * d * cb + 4 * n * f_w * cb
-                            + n * q_w * cb + _scores(c, rows, seq, heads_local, attention,
-                                                     backend)),
-        "fsdp_gather": 2 * layer_params if mesh["fsdp"] > 1 else layer_params,
-    }
+    layer_params = gathered // c.num_layers // _nbytes(c.param_dtype) * acts.itemsize
+    transient = {"layer_recompute": acts.layer_working_set,
+                 "fsdp_gather": 2 * layer_params if mesh["fsdp"] > 1 else layer_params}
+    dp = mesh["data"] * mesh["fsdp"]
     return Plan(config=c, mesh=mesh, batch=batch, seq=seq, grad_accum=grad_accum, mode=mode,
-                rows_per_device=rows, batch_split=split, loss_impl=impl, chunk_tokens=chunk,
-                attention=_attention(c, attention, backend), items=items, transient=transient,
+                rows_per_device=rows, batch_split=rows * dp == micro, loss_impl=impl,
+                chunk_tokens=chunk, attention=attention, items=items, transient=transient,
                 num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
@@ -202,18 +246,10 @@ def _gathered_rules(rules):
 
 
 def _attention(c: LlamaConfig, attention: str, backend: str) -> str:
+    """The attention kernel the training step traces (layers.attention_impl) unless forced."""
     if attention != "auto":
         return attention
-    if c.attention_impl:
-        return c.attention_impl
-    return "cudnn" if backend == "gpu" and c.dtype in ("bfloat16", "float16") else "xla"
-
-
-def _scores(c: LlamaConfig, rows, seq, heads_local, attention, backend) -> int:
-    """Attention logits + probabilities [rows, heads, T, T] when the attention is not fused."""
-    if _attention(c, attention, backend) != "xla":
-        return 0
-    return int(2 * rows * heads_local * seq * seq * 4)
+    return attention_impl(c, _TRAIN_MASKED, c.compute_dtype, backend)
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -244,7 +280,7 @@ def format_plan(p: Plan, device_gib: float | None = None, usable: float = 0.9) -
     c = p.config
     n_dev = math.prod(p.mesh.values())
     mesh = " x ".join(f"{a}={s}" for a, s in p.mesh.items() if s > 1) or "1 device"
-    exits = (c.num_layers,) if p.mode == "sft" else c.resolved_exits
+    exits = p.exits
     lines = [
         f"soft_jax memory plan: {p.num_params / 1e9:.2f}B params, {c.num_layers} layers, "
         f"mode {p.mode}, exits {','.join(map(str, exits))}",
@@ -264,7 +300,7 @@ def format_plan(p: Plan, device_gib: float | None = None, usable: float = 0.9) -
         "grads": "gradients",
         "optimizer": "AdamW mu + nu",
         "batch": "batch inputs",
-        "layers": f"saved activations ({c.num_layers} layers, remat {c.remat_policy})",
+        "layers": f"saved activations ({c.num_layers} layers)",  # remat: in the header
         "exit_buffer": f"exit hidden states + grad ({len(exits)} exits)",
         "loss": f"loss ({p.loss_impl})",
     }
@@ -297,11 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype")
     ap.add_argument("--param-dtype", default="float32", help="master weight dtype")
-    ap.add_argument("--remat", default="save_dots",
-                    help="none | full | save_dots | save_qkv_out | save_mlp_out | offload_dots")
+    ap.add_argument("--remat", default="save_dots", help=" | ".join(REMAT_POLICIES))
     ap.add_argument("--exits", default="", help="comma-separated exits (default: preset's)")
-    ap.add_argument("--mode", default="soft", help="soft | sft | ict | sortednet")
-    ap.add_argument("--loss", default="auto", help="auto | plain | chunked")
+    ap.add_argument("--mode", default="soft", choices=MODES)
+    ap.add_argument("--loss", default="auto", choices=LOSS_IMPLS)
     ap.add_argument("--chunk-tokens", type=int, default=None)
     ap.add_argument("--attention", default="auto", help="auto | xla | cudnn")
     ap.add_argument("--backend", default="gpu", help="gpu | tpu (for the auto choices)")
@@ -313,8 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.exits:
         overrides["exits"] = tuple(int(x) for x in a.exits.split(",") if x)
     config = preset(a.preset, **overrides)
-    if a.mode == "ict":
-        config = config.replace(num_exit_heads=len(config.resolved_exits) - 1)
+    config = config.replace(num_exit_heads=exit_heads_for(a.mode, config.resolved_exits))
     if a.batch % a.grad_accum:
         ap.error(f"--batch {a.batch} is not divisible by --grad-accum {a.grad_accum}")
     try:

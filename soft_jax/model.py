@@ -9,31 +9,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soft_jax.config import LlamaConfig, normalize_exits
+from soft_jax.config import REMAT_SAVES, LlamaConfig, normalize_exits
 from soft_jax.layers import DecoderLayer, rms_norm, rope_tables
 from soft_jax.sharding import RESIDUAL_AXES, constrain
 
 Array = jax.Array
 Params = dict
 
-_SAVED_NAMES = {
-    "save_qkv_out": ("query_proj", "key_proj", "value_proj", "attn_out"),
-    "save_mlp_out": ("query_proj", "key_proj", "value_proj", "attn_out", "mlp_gate", "mlp_up"),
-}
-
 
 def remat_policy(name: str):
-    """The jax.checkpoint policy for a named remat setting (None means: save nothing)."""
+    """The jax.checkpoint policy for a named remat setting (see config.REMAT_SAVES)."""
     cp = jax.checkpoint_policies
-    if name == "full":
-        return None
     if name == "save_dots":
         return cp.dots_with_no_batch_dims_saveable
-    if name in _SAVED_NAMES:
-        return cp.save_only_these_names(*_SAVED_NAMES[name])
     if name == "offload_dots":
         return cp.offload_dot_with_no_batch_dims("device", "pinned_host")
-    raise ValueError(f"no remat policy for {name!r}")
+    if name == "full":
+        return None
+    if name not in REMAT_SAVES or name == "none":
+        raise ValueError(f"no remat policy for {name!r}; expected one of "
+                         f"{[p for p in REMAT_SAVES if p != 'none']}")
+    return cp.save_only_these_names(*REMAT_SAVES[name])
 
 
 def init_params(config: LlamaConfig, rng: Array) -> Params:
@@ -131,8 +127,6 @@ def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,
                        exits: tuple[int, ...] | None = None) -> Array:
     """Raw (pre-norm) residual stream at each exit, [n_exits, batch, seq, hidden]."""
     exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
-    if max(exits) < config.num_layers:
-        raise ValueError("exits must include the last layer")
     b, t = input_ids.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

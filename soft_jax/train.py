@@ -27,7 +27,7 @@ from soft_jax.loss import loss_fn
 from soft_jax.metrics import per_exit_metrics
 from soft_jax.model import init_params
 from soft_jax.tokenizer import load_tokenizer
-from soft_jax.train_config import validate
+from soft_jax.train_config import exit_heads_for, train_exits, trainable_keys, validate
 
 
 def log(msg: str) -> None:
@@ -109,7 +109,7 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
     exits = normalize_exits(tuple(cfg.exits) or config.exits, config.num_layers)
     weights = tuple(cfg.exit_weights) or None
     config = config.replace(exits=exits, exit_weights=weights, **model_fields,
-                            num_exit_heads=len(exits) - 1 if cfg.mode == "ict" else 0)
+                            num_exit_heads=exit_heads_for(cfg.mode, exits))
     if vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size} (config.model / config.data.tokenizer)")
@@ -128,16 +128,6 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
     if mesh is not None:
         params = shd.place(params, shd.tree_shardings(params, mesh, rules))
     return config, params
-
-
-def trainable_keys(params: dict, mode: str) -> tuple[str, ...]:
-    """Top-level param groups the optimizer updates (ICT: only the per-exit heads)."""
-    return ("exit_heads",) if mode == "ict" else tuple(sorted(params))
-
-
-def train_exits(config: LlamaConfig, mode: str) -> tuple[int, ...]:
-    """The exits whose loss drives training in this mode."""
-    return (config.num_layers,) if mode == "sft" else config.resolved_exits
 
 
 # ------------------------------------------------------------------------ optimizer/step

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from soft_jax.config import preset
+from soft_jax.config import REMAT_POLICIES, preset
 from soft_jax.memory import GiB, main, parse_mesh, plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,16 @@ def test_param_and_optimizer_bytes_are_exact_sums_of_shards():
     assert ict.items["grads"] == heads * 4 and ict.items["optimizer"] == 2 * heads * 4 + 8
     # the micro-batch that does not divide over data x fsdp is flagged
     assert not plan(_tiny(), {"fsdp": 8}, batch=8, seq=32, grad_accum=2).batch_split
+
+
+def test_every_remat_policy_is_planned_by_what_it_saves():
+    saved = {r: plan(_tiny(remat_policy=r), {"fsdp": 2}, batch=4, seq=32, backend="cpu")
+             .items["layers"] for r in REMAT_POLICIES}
+    assert saved["full"] == saved["offload_dots"] < saved["save_qkv_out"]
+    assert saved["save_qkv_out"] < saved["save_qkv_out_gate_up"] < saved["save_dots"]
+    assert saved["save_dots"] < saved["none"]
+    # training batches carry segment ids: the step's attention is the masked (XLA) one
+    assert plan(_tiny(dtype="bfloat16"), {}, batch=2, seq=32).attention == "xla"
 
 
 def test_cli_table_for_llama2_13b(capsys):

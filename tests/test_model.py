@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
+from soft_jax.config import REMAT_POLICIES
 from soft_jax.loss import loss_fn
 from soft_jax.model import attention_mask, exit_hidden_states
 
@@ -19,21 +20,32 @@ def _batch(cfg, b=2, t=12, seed=0):
     return {"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_mask": np.ones((b, t))}
 
 
-@pytest.mark.parametrize("policy", ["none", "full", "save_dots", "save_qkv_out"])
-def test_scanned_and_unscanned_agree_on_logits_and_grads(policy):
-    cfg = CFG.replace(remat_policy=policy)
+@pytest.mark.parametrize("policy", REMAT_POLICIES)
+def test_scanned_and_unscanned_agree_on_losses_and_grads(policy):
+    # 3 layers (exits 1, 2, 3) keep each of the 12 compiles short
+    cfg = CFG.replace(num_layers=3, exits=(1, 2), remat_policy=policy)
     params = sj.init_params(cfg, jax.random.PRNGKey(1))
     batch = _batch(cfg)
-    grads = {}
+    out = {}
     for scan in (True, False):
         c = cfg.replace(scan_layers=scan)
-        logits = sj.exit_logits(c, params, batch["input_ids"])
-        g = jax.jit(jax.grad(lambda p: loss_fn(c, p, batch)[0]))(params)
-        grads[scan] = (logits, g)
-    for e in (1, 4, 6):
-        np.testing.assert_allclose(grads[True][0][e], grads[False][0][e], rtol=1e-5, atol=1e-5)
+        f = jax.value_and_grad(lambda p, c=c: loss_fn(c, p, batch), has_aux=True)
+        (_, metrics), grads = jax.jit(f)(params)
+        out[scan] = ({e: metrics[f"loss/exit_{e}"] for e in (1, 2, 3)}, grads)
+    for e in (1, 2, 3):
+        np.testing.assert_allclose(out[True][0][e], out[False][0][e], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 grads[True][1], grads[False][1])
+                 out[True][1], out[False][1])
+
+
+def test_scanned_and_unscanned_agree_on_logits():
+    cfg = CFG.replace(num_layers=3, exits=(1, 2))
+    params = sj.init_params(cfg, jax.random.PRNGKey(1))
+    ids = _batch(cfg)["input_ids"]
+    logits = {scan: sj.exit_logits(cfg.replace(scan_layers=scan), params, ids)
+              for scan in (True, False)}
+    for e in (1, 2, 3):
+        np.testing.assert_allclose(logits[True][e], logits[False][e], rtol=1e-5, atol=1e-5)
 
 
 def test_exit_hidden_states_are_the_layer_outputs():
@@ -82,3 +94,21 @@ def test_config_errors_name_the_field():
         sj.LlamaConfig.from_dict({"hidden_sise": 3})
     assert CFG.resolved_exits == (1, 4, 6)
     assert sj.LlamaConfig.from_dict(CFG.to_dict()) == CFG
+
+
+def test_remat_tables_name_real_activations():
+    # every tag a policy saves is a checkpoint_name of the layer, and every tag is saved by one
+    from soft_jax.config import REMAT_SAVES
+    from soft_jax.layers import DecoderLayer, rope_tables
+
+    params = sj.init_params(CFG, jax.random.PRNGKey(0))["layers"]
+    layer0 = jax.tree.map(lambda p: p[0], params)
+    h = jnp.zeros((1, 4, CFG.hidden_size))
+    cos, sin = rope_tables(CFG, jnp.zeros((1, 4), jnp.int32))
+    jaxpr = jax.make_jaxpr(lambda p: DecoderLayer(CFG).apply({"params": p}, h, cos, sin)[0])(
+        layer0)
+    tags = {e.params["name"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "name"}
+    saved = {t for names in REMAT_SAVES.values() if names for t in names}
+    assert saved == tags, (saved, tags)
+    # the old name still loads (model_config.json of earlier runs)
+    assert CFG.replace(remat_policy="save_mlp_out").remat_policy == "save_qkv_out_gate_up"
