@@ -219,13 +219,15 @@ def load_params(path, shardings=None, *, mesh=None, rules=None, dtype=None,
     unless `allow_nonfinite`), older steps are tried in turn, with a warning.
     """
     failures = []
-    for ckpt in checkpoint_candidates(path):
+    candidates = checkpoint_candidates(path)
+    for i, ckpt in enumerate(candidates):
         try:
             params = _restore_verified(ckpt, shardings, mesh, rules, allow_nonfinite)
         except Exception as e:  # noqa: BLE001  any unreadable step: try the previous one
             failures.append(f"{ckpt.name}: {_one_line(e)}")
-            warnings.warn(f"checkpoint {str(ckpt)!r} is unusable ({_one_line(e)}); trying an "
-                          "older step", RuntimeWarning, stacklevel=2)
+            if i + 1 < len(candidates):
+                warnings.warn(f"checkpoint {str(ckpt)!r} is unusable ({_one_line(e)}); trying "
+                              f"{candidates[i + 1].name}", RuntimeWarning, stacklevel=2)
             continue
         if dtype is not None:
             params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
