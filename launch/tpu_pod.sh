@@ -116,8 +116,10 @@ tarball="/tmp/${name}-soft_jax-src.tar.gz"
 pip_quoted="$(q "$pip_spec")"
 
 if [[ "$install" == 1 ]]; then
-  run tar czf "$tarball" -C "$repo_root" --exclude=.git --exclude=.venv --exclude=runs \
-    --exclude=__pycache__ .
+  # source only: no environments, caches or checkpoint / output folders
+  run tar czf "$tarball" -C "$repo_root" --exclude=.git --exclude=.venv --exclude=venv \
+    --exclude=runs --exclude=work_dirs --exclude=demo_out --exclude=checkpoints \
+    --exclude=ckpt --exclude=outputs --exclude=__pycache__ --exclude=.pytest_cache .
 fi
 for node in "${nodes[@]}"; do
   if [[ "$install" == 1 ]]; then

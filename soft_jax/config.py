@@ -62,8 +62,10 @@ class LlamaConfig:
             object.__setattr__(self, "exits", tuple(int(e) for e in self.exits))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        if self.exit_weights is not None:
-            object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
+        if self.exit_weights is not None:  # pair each weight with its exit, then sort the pairs
+            exits, weights = pair_exit_weights(self.exits, self.exit_weights, self.num_layers)
+            object.__setattr__(self, "exits", exits)
+            object.__setattr__(self, "exit_weights", weights)
         if self.remat_policy in REMAT_ALIASES:
             object.__setattr__(self, "remat_policy", REMAT_ALIASES[self.remat_policy])
         self.validate()
@@ -158,6 +160,34 @@ def normalize_exits(exits, num_layers: int) -> tuple[int, ...]:
         out.add(e)
     out.add(num_layers)
     return tuple(sorted(out))
+
+
+def pair_exit_weights(exits, weights, num_layers: int, exits_name: str = "exits",
+                      weights_name: str = "exit_weights"
+                      ) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
+    """(sorted exits with the last layer, their weights): weight i belongs to exit i as
+    written; when the last layer is not written, a trailing extra weight may give its own
+    (else the lengths must match exactly)."""
+    if weights is None:
+        return normalize_exits(exits, num_layers), None
+    written = [num_layers] if exits is None else [exits] if isinstance(exits, int) else list(
+        exits)
+    resolved = normalize_exits(written, num_layers)
+    if len(set(int(e) for e in written)) != len(written):
+        raise ValueError(f"{exits_name}={tuple(written)} repeats an exit, so {weights_name} "
+                         "cannot be paired with it")
+    if num_layers not in written and len(weights) == len(written) + 1:
+        written.append(num_layers)
+    if len(weights) != len(written):
+        raise ValueError(
+            f"{weights_name} has {len(weights)} entries but {exits_name}={tuple(written)} has "
+            f"{len(written)} (one weight per exit as written; the last layer {num_layers} is "
+            f"added to the exits unless listed, and then needs its own weight)")
+    pairs = dict(zip((int(e) for e in written), (float(w) for w in weights)))
+    if set(pairs) != set(resolved):
+        raise ValueError(f"{weights_name} gives no weight for the last layer {num_layers}: add "
+                         f"it to {exits_name} with a weight")
+    return resolved, tuple(pairs[e] for e in resolved)
 
 
 PRESETS: dict[str, dict] = {

@@ -391,13 +391,15 @@ def to_hf_main(args) -> Path:
     ensure_empty_output(Path(args.out))
     if args.exit is not None:  # fail before reading any weights
         check_exit(read_model_config(resolve_checkpoint(args.ckpt)), args.exit)
-    config, params = load_params(args.ckpt)
+    config, params = load_params(args.ckpt, allow_nonfinite=args.allow_nonfinite)
     return save_hf(config, params, args.out, exit_layer=args.exit, dtype=args.dtype,
                    tokenizer_dir=tokenizer_dir_of(args.ckpt))
 
 
 def main(argv=None) -> int:
     """Entry point of `python -m soft_jax.convert`."""
+    from soft_jax.checkpoint import CheckpointError
+
     p = argparse.ArgumentParser(prog="python -m soft_jax.convert", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -411,10 +413,13 @@ def main(argv=None) -> int:
     b.add_argument("--out", required=True)
     b.add_argument("--exit", type=int, default=None, help="write the N-layer sub-model")
     b.add_argument("--dtype", default=None, choices=list(NP_DTYPES))
+    b.add_argument("--allow-nonfinite", action="store_true",
+                   help="write weights holding NaN / inf (refused by default)")
     args = p.parse_args(argv)
     try:
         out = from_hf_main(args) if args.cmd == "from-hf" else to_hf_main(args)
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConversionError, FileNotFoundError, FileExistsError, ValueError,
+            CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

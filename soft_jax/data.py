@@ -131,11 +131,46 @@ def gsm8k_demo_rows(part: str) -> list[dict]:
     return rows[:GSM8K_DEMO_TRAIN_ROWS] if part == "train" else rows[GSM8K_DEMO_TRAIN_ROWS:]
 
 
-def load_rows(source: str, split: str = "train", subset: str | None = None) -> list[dict]:
-    """Rows from a local .json/.jsonl/.parquet file (or folder of them), a hub dataset name,
-    or the packaged `gsm8k_demo:train` / `gsm8k_demo:heldout` split."""
-    import datasets
+def read_json_rows(path: Path) -> list[dict]:
+    """Rows of a JSON array file or a JSON-lines file; a syntax error names file and line."""
+    import json
 
+    text = path.read_text()
+    if not text.strip():
+        raise DataError(f"data file {str(path)!r} is empty")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{n}: invalid JSON line ({e.msg})") from None
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise DataError(f"{path}: row {bad} is a {type(rows[bad]).__name__}, expected a JSON "
+                        "object")
+    return rows
+
+
+def is_hub_id(spec: str, allow_bare: bool = False) -> bool:
+    """True when a missing local `spec` can only mean a hub repo: "org/name" (or a bare
+    "name" with `allow_bare`), no file extension, no leading ./ / ~, and no local folder
+    named like its org (then it is a local path that does not exist)."""
+    parts = spec.split("/")
+    return (len(parts) in ((1, 2) if allow_bare else (2,)) and all(parts)
+            and not spec.startswith((".", "~")) and Path(spec).suffix == ""
+            and (len(parts) == 1 or not Path(parts[0]).exists()))
+
+
+def load_rows(source: str, split: str = "train", subset: str | None = None) -> list[dict]:
+    """Rows from a local .json/.jsonl/.parquet file (or folder of them), a hub dataset name
+    ("org/name"), or the packaged `gsm8k_demo:train` / `gsm8k_demo:heldout` split."""
     if source.startswith("gsm8k_demo:"):
         return gsm8k_demo_rows(source.split(":", 1)[1])
     path = Path(source)
@@ -144,15 +179,27 @@ def load_rows(source: str, split: str = "train", subset: str | None = None) -> l
                        ) if path.is_dir() else [path]
         if not files:
             raise DataError(f"no .json/.jsonl/.parquet files in {source!r}")
-        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(files[0].suffix)
-        if kind is None:
-            raise DataError(f"data file {source!r}: expected .json, .jsonl or .parquet")
-        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    elif source.startswith((".", "/")) or source.endswith((".json", ".jsonl", ".parquet")):
-        raise FileNotFoundError(f"data file {source!r} does not exist")
-    else:
-        ds = datasets.load_dataset(source, subset, split=split)
-    return list(ds)
+        bad = [str(f) for f in files if f.suffix not in (".json", ".jsonl", ".parquet")]
+        if bad:
+            raise DataError(f"data file {bad[0]!r}: expected .json, .jsonl or .parquet")
+        rows = []
+        for f in files:
+            if f.suffix == ".parquet":
+                import datasets
+
+                rows += list(datasets.load_dataset("parquet", data_files=[str(f)],
+                                                   split="train"))
+            else:
+                rows += read_json_rows(f)
+        if not rows:
+            raise DataError(f"data source {source!r} has no rows")
+        return rows
+    if not is_hub_id(source):
+        raise FileNotFoundError(f"data file {source!r} does not exist (hub datasets are named "
+                                "'org/name')")
+    import datasets
+
+    return list(datasets.load_dataset(source, subset, split=split))
 
 
 @dataclasses.dataclass

@@ -94,7 +94,7 @@ def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
              exit_layer: int | None = None, draft_exit: int | None = None, thresholds=None,
              temperature: float = 0.0, seed: int = 0, *, top_k: int = 0, top_p: float = 1.0,
              stop_tokens=None, draft_tokens: int | None = None, dynamic: bool = False,
-             copy_kv: bool = False) -> Generation:
+             copy_kv: bool = False, strict: bool = False) -> Generation:
     """Generate up to max_new_tokens ids per prompt (list of ints, list of lists, or array).
 
     Modes (pick one): plain decoding, batched with left padding, with the sub-model of the
@@ -105,8 +105,9 @@ def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
     instead of exact lazy catch-up. The last two take one prompt. temperature 0 is greedy;
     otherwise sampling with top_k (0 = off), top_p and seed (dynamic exits still compare the
     raw top-1 probability). Each row stops after the config's eos or any of stop_tokens (kept).
-    Returns Generation(tokens, stats); stats["time_s"] includes prefill and, on a first call,
-    compilation.
+    A prompt + max_new_tokens beyond the config's max_position_embeddings warns (raises
+    with `strict`). Returns Generation(tokens, stats); stats["time_s"] includes prefill and,
+    on a first call, compilation.
     """
     prompts = _prompts(prompt_ids)
     _check_ids(config, prompts)
@@ -130,6 +131,17 @@ def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
     if (draft_exit is not None or dynamic) and len(prompts) != 1:
         raise ValueError(f"{'draft_exit' if draft_exit is not None else 'dynamic'} decoding "
                          f"supports one prompt at a time (as in the paper); got {len(prompts)}")
+    if dynamic and not isinstance(thresholds, dict) and len(config.resolved_exits) < 2:
+        raise ValueError(f"dynamic decoding needs exits, but this model records none besides "
+                         f"its last layer {config.num_layers}; give them (--exits 2,4,... or "
+                         "config.replace(exits=...)) or thresholds as {exit: prob}")
+    longest = max(len(p) for p in prompts) + int(max_new_tokens)
+    if longest > config.max_position_embeddings:
+        msg = (f"prompt + max_new_tokens = {longest} tokens exceeds max_position_embeddings="
+               f"{config.max_position_embeddings}; later positions were never trained")
+        if strict:
+            raise ValueError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
     greedy, s, stops = temperature == 0, sampling(temperature, top_k, top_p), stop_set(
         config, stop_tokens)
     max_new = int(max_new_tokens)
@@ -214,7 +226,11 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", help="--hf parameter dtype")
+    p.add_argument("--strict", action="store_true",
+                   help="error (not a warning) past max_position_embeddings")
     args = p.parse_args(argv)
+    from soft_jax.checkpoint import CheckpointError
+
     try:
         config, params, tokenizer = _load(args)
         if args.prompt is not None:
@@ -227,8 +243,8 @@ def main(argv=None) -> int:
                        draft_exit=args.draft_exit, thresholds=_parse_thresholds(args.thresholds),
                        temperature=args.temperature, seed=args.seed, top_k=args.top_k,
                        top_p=args.top_p, draft_tokens=args.draft_tokens,
-                       dynamic=args.dynamic, copy_kv=args.copy_kv)
-    except (ValueError, FileNotFoundError) as e:
+                       dynamic=args.dynamic, copy_kv=args.copy_kv, strict=args.strict)
+    except (ValueError, FileNotFoundError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     toks = out.tokens[0]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from soft_jax.chunked_loss import chunked_exit_sums, default_chunk_tokens
 from soft_jax.config import LlamaConfig, normalize_exits
-from soft_jax.model import exit_hidden_states, head_logits
+from soft_jax.model import check_tokens, exit_hidden_states, head_logits
 
 Array = jax.Array
 IGNORE_INDEX = -100
@@ -48,6 +48,15 @@ def batch_targets(batch: dict) -> tuple[Array, Array]:
     if batch.get("loss_mask") is not None:
         mask = mask & (jnp.asarray(batch["loss_mask"]) > 0)
     return jnp.where(mask, targets, 0).astype(jnp.int32), mask
+
+
+def check_batch(config: LlamaConfig, batch: dict) -> None:
+    """ValueError for bad token ids / targets / labels in a concrete batch (see check_tokens)."""
+    if "input_ids" not in batch:
+        raise KeyError(f"batch needs 'input_ids' (got keys {sorted(batch)})")
+    check_tokens("input_ids", batch["input_ids"], config.vocab_size)
+    for key in ("targets", "labels"):
+        check_tokens(key, batch.get(key), config.vocab_size, allow=(IGNORE_INDEX,))
 
 
 def exit_weights(config: LlamaConfig, exits: tuple[int, ...], weights=None) -> Array:
@@ -165,4 +174,5 @@ def exit_loss(config: LlamaConfig, params, batch: dict,
     """(loss, metrics): the weighted mean of per-exit token-mean CEs, with `loss/exit_N` metrics."""
     exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
     batch = {k: v for k, v in batch.items() if v is not None}
+    check_batch(config, batch)
     return _exit_loss(config, params, batch, exits)

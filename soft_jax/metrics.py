@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig, normalize_exits
-from soft_jax.loss import batch_targets, token_cross_entropy
+from soft_jax.loss import batch_targets, check_batch, token_cross_entropy
 from soft_jax.model import exit_hidden_states, head_logits
 
 
@@ -36,6 +36,7 @@ def per_exit_metrics(config: LlamaConfig, params, batches: Iterable[dict],
     correct = np.zeros(len(exits))
     count = 0.0
     for batch in batches:
+        check_batch(config, {k: v for k, v in batch.items() if v is not None})
         b = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
         c, a, n = jax.device_get(_exit_sums(config, params, b, exits))
         ce, correct, count = ce + c, correct + a, count + float(n)

@@ -32,6 +32,26 @@ def remat_policy(name: str):
     return cp.save_only_these_names(*REMAT_SAVES[name])
 
 
+def check_tokens(name: str, x, vocab_size: int, allow: tuple[int, ...] = ()) -> None:
+    """ValueError unless concrete `x` is a [batch, seq] integer array of ids in
+    0..vocab_size-1 (values in `allow`, e.g. the -100 ignore index, pass too). Tracers and
+    arrays spread over other processes are not checked: nothing runs inside jit."""
+    if x is None or isinstance(x, jax.core.Tracer) or (
+            isinstance(x, jax.Array) and not x.is_fully_addressable):
+        return
+    arr = np.asarray(x)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [batch, seq]; got shape {arr.shape} (add a batch "
+                         "axis: x[None])")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer token ids; got dtype {arr.dtype}")
+    bad = arr[((arr < 0) | (arr >= vocab_size)) & ~np.isin(arr, allow)]
+    if bad.size:
+        raise ValueError(f"{name} holds {bad.size} value(s) outside the vocabulary "
+                         f"0..{vocab_size - 1}" + (f" (or {list(allow)})" if allow else "")
+                         + f", e.g. {bad[:3].tolist()}")
+
+
 def init_params(config: LlamaConfig, rng: Array) -> Params:
     """Random parameters (normal 0.02, norms at 1), layers stacked on a leading axis."""
     k_embed, k_layers, k_head, k_exit = jax.random.split(rng, 4)
@@ -168,6 +188,7 @@ def exit_logits(config: LlamaConfig, params: Params, input_ids,
     returns exactly those exits.
     """
     asked = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    check_tokens("input_ids", input_ids, config.vocab_size)
     if exits is not None:
         wanted = sorted({int(e) for e in ([exits] if isinstance(exits, int) else exits)})
     else:

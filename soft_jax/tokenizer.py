@@ -36,6 +36,8 @@ def load_tokenizer(spec: str, train_texts: Iterable[str] | None = None):
         if not path.is_file():
             raise FileNotFoundError(f"GGUF tokenizer file {str(path)!r} does not exist")
         return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if not Path(spec).exists() and (spec.startswith((".", "/")) or spec.count("/") > 1):
+    from soft_jax.data import is_hub_id
+
+    if not Path(spec).exists() and not is_hub_id(spec, allow_bare=True):
         raise FileNotFoundError(f"tokenizer folder {spec!r} does not exist")
     return AutoTokenizer.from_pretrained(spec)

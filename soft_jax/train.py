@@ -20,14 +20,23 @@ import optax
 from soft_jax import data as data_lib
 from soft_jax import distributed
 from soft_jax import sharding as shd
-from soft_jax.checkpoint import MODEL_CONFIG, TOKENIZER_DIR, TrainCheckpoints, load_params
-from soft_jax.config import LlamaConfig, normalize_exits, preset
+from soft_jax.checkpoint import (MODEL_CONFIG, TOKENIZER_DIR, NonFiniteParamsError,
+                                 TrainCheckpoints, load_params)
+from soft_jax.config import LlamaConfig, pair_exit_weights, preset
 from soft_jax.convert import is_hf_folder, load_hf
 from soft_jax.loss import loss_fn
 from soft_jax.metrics import per_exit_metrics
 from soft_jax.model import init_params
 from soft_jax.tokenizer import load_tokenizer
-from soft_jax.train_config import exit_heads_for, train_exits, trainable_keys, validate
+from soft_jax.train_config import (exit_heads_for, resume_changes, train_exits,
+                                   trainable_keys, validate)
+
+TRAIN_CONFIG = "train_config.json"
+TRUNCATION_WARN = 0.1  # warn when more than this share of the rows is truncated
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient norm or params: the run stops without saving that state."""
 
 
 def log(msg: str) -> None:
@@ -63,6 +72,7 @@ def build_data(cfg, workdir: Path):
     stats = data_lib.DataStats()
     examples = data_lib.tokenize_rows(rows, cfg.data.format, tokenizer, cfg.data.seq_len,
                                       cfg.data.on_bad_row, stats)
+    check_targets(stats, cfg.data.seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = data_lib.BatchStream(examples, cfg.data.seq_len, cfg.batch_size, cfg.seed,
                                   pack=cfg.data.pack, pad_id=pad)
@@ -77,6 +87,65 @@ def build_data(cfg, workdir: Path):
         n = min(cfg.eval_batches, max(1, es.rows_per_epoch // cfg.batch_size))
         eval_batches = [es.batch(k) for k in range(n)]
     return tokenizer, stream, eval_batches, stats
+
+
+def check_targets(stats: data_lib.DataStats, seq_len: int) -> None:
+    """Error when truncation left nothing to learn; warn when it cut many rows."""
+    if stats.rows and stats.target_tokens == 0:
+        raise data_lib.DataError(
+            f"no target tokens: all {stats.rows} rows lose their targets when truncated to "
+            f"data.seq_len={seq_len} ({stats.truncated} truncated); raise config.data.seq_len")
+    if stats.rows and stats.truncated > TRUNCATION_WARN * stats.rows:
+        log(f"warning: {stats.truncated} of {stats.rows} rows "
+            f"({100 * stats.truncated / stats.rows:.0f}%) are truncated to data.seq_len="
+            f"{seq_len} tokens, {stats.no_targets} of them left with no target; consider a "
+            "larger config.data.seq_len")
+
+
+def check_sources(cfg) -> None:
+    """Fail fast on a local path that does not exist (before any hub lookup or data work)."""
+    for name, spec, bare in (("data.eval_source", cfg.data.eval_source, False),
+                             ("model.init_from", cfg.model.init_from, True),
+                             ("data.tokenizer", cfg.data.tokenizer, True)):
+        spec = spec.split(":", 1)[1] if spec.startswith("gguf:") else spec
+        if (spec and not spec.startswith(("gsm8k_demo:", "bpe:")) and not Path(spec).exists()
+                and (cfg.data.tokenizer.startswith("gguf:") and name == "data.tokenizer"
+                     or not data_lib.is_hub_id(spec, allow_bare=bare))):
+            raise FileNotFoundError(f"config.{name}={spec!r} does not exist (a local path) and "
+                                    "is not a hub name")
+
+
+def check_resume(cfg, workdir: Path, step: int) -> None:
+    """Stop when resuming `workdir` with a config that changes what is trained; log a grown
+    total_steps and record the config the run continues with."""
+    saved_path = workdir / TRAIN_CONFIG
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    changed = resume_changes(saved, json.loads(cfg.to_json_best_effort()))
+    if changed:
+        raise ValueError(
+            f"work dir {str(workdir)!r} holds a run at step {step} trained with a different "
+            "config: " + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in changed)
+            + " (use a new config.workdir for a different run)")
+    if saved.get("total_steps") != cfg.total_steps and step < cfg.total_steps:
+        log(f"total_steps {saved.get('total_steps')} -> {cfg.total_steps}: continuing from "
+            f"step {step} (the lr schedule now spans {cfg.total_steps} steps)")
+    if step >= cfg.total_steps:
+        log(f"work dir {str(workdir)!r} is already at step {step} >= total_steps="
+            f"{cfg.total_steps}: nothing to train (raise --config.total_steps to continue)")
+    elif jax.process_index() == 0:
+        saved_path.write_text(cfg.to_json_best_effort(indent=2))
+
+
+def check_finite(step: int, metrics) -> None:
+    """Raise TrainingDiverged when the loss or gradient norm of `step` is NaN / inf."""
+    m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
+    bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
+    if bad:
+        raise TrainingDiverged(
+            f"non-finite {' and '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
+            "stopped without saving this state (lower config.optimizer.lr or check the data)")
 
 
 def _safe_segments(fmt, row, idx):
@@ -106,8 +175,9 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
         config, params = load_hf(src, dtype=cfg.model.param_dtype)
     else:  # a soft_jax checkpoint, restored shard by shard in the run's param dtype
         config, params = load_params(src, mesh=mesh, rules=rules, dtype=cfg.model.param_dtype)
-    exits = normalize_exits(tuple(cfg.exits) or config.exits, config.num_layers)
-    weights = tuple(cfg.exit_weights) or None
+    exits, weights = pair_exit_weights(tuple(cfg.exits) or config.exits,
+                                       tuple(cfg.exit_weights) or None, config.num_layers,
+                                       "config.exits", "config.exit_weights")
     config = config.replace(exits=exits, exit_weights=weights, **model_fields,
                             num_exit_heads=exit_heads_for(cfg.mode, exits))
     if vocab_size > config.vocab_size:
@@ -290,14 +360,21 @@ def train(cfg, on_step=None) -> dict:
             "lower grad_accum or raise batch_size")
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
+    ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
+                             cfg.async_checkpointing)
+    resume_step = ckpts.latest_step()
+    try:  # before any data or model work
+        check_sources(cfg)
+        if resume_step is not None:
+            check_resume(cfg, workdir, resume_step)
+        tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
+    except BaseException:
+        ckpts.close()
+        raise
     log(f"data: {stats.rows} rows, {stats.skipped} skipped, {stats.truncated} truncated to "
         f"{cfg.data.seq_len} tokens ({stats.no_targets} of them left with no target), "
         f"{stats.target_tokens} target tokens, {stream.rows_per_epoch} rows/epoch "
         f"({'packed' if cfg.data.pack else 'padded'})")
-    ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
-                             cfg.async_checkpointing)
-    resume_step = ckpts.latest_step()
     if resume_step is not None:
         config = LlamaConfig.from_dict(json.loads((workdir / MODEL_CONFIG).read_text()))
         params = None
@@ -305,7 +382,7 @@ def train(cfg, on_step=None) -> dict:
         config, params = build_model(cfg, len(tokenizer), mesh, rules)
         if jax.process_index() == 0:
             (workdir / MODEL_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
-            (workdir / "train_config.json").write_text(cfg.to_json_best_effort(indent=2))
+            (workdir / TRAIN_CONFIG).write_text(cfg.to_json_best_effort(indent=2))
     tx, schedule = make_optimizer(cfg)
     params_abstract = params if params is not None else jax.eval_shape(
         lambda: init_params(config, jax.random.PRNGKey(0)))
@@ -316,8 +393,8 @@ def train(cfg, on_step=None) -> dict:
         target = jax.tree.map(  # mesh that wrote the checkpoint
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
             part.state)
-        params, opt_state, meta = ckpts.restore(resume_step, target["params"],
-                                                target["opt_state"])
+        resume_step, params, opt_state, meta = ckpts.restore_latest(target["params"],
+                                                                    target["opt_state"])
         log(f"resumed from step {resume_step} ({meta.get('data_position')})")
     else:
         opt_state = jax.jit(tx.init, out_shardings=part.state["opt_state"])(
@@ -338,18 +415,26 @@ def train(cfg, on_step=None) -> dict:
     stop = _StopFlag()
     tokens_per_step = cfg.batch_size * cfg.data.seq_len
     t_last, steps_since, history = time.perf_counter(), 0, []
+    pending = None  # (step, metrics) not yet checked for NaN / inf
 
     def save(step_now, force=False):
+        check_finite(step_now, metrics)  # this step's loss / grad norm, before writing it
         meta = {"step": step_now, "seed": cfg.seed, "data_position": stream.position(step_now),
                 "model": config.to_dict(), "mode": cfg.mode}
-        ckpts.save(step_now, state["params"], state["opt_state"], meta, force=force)
+        try:
+            ckpts.save(step_now, state["params"], state["opt_state"], meta, force=force)
+        except NonFiniteParamsError as e:
+            raise TrainingDiverged(str(e)) from None
 
     try:
         while step < cfg.total_steps:
             batch = shd.global_batch(lambda lo, hi, k=step: batch_rows(stream, k, lo, hi),
                                      part.batch, cfg.batch_size)
             state, metrics = step_fn(state, batch)
+            if pending is not None:  # one step behind: the host never waits on the device
+                check_finite(*pending)
             step += 1
+            pending = (step, metrics)
             steps_since += 1
             if on_step is not None:
                 on_step(step)
@@ -376,6 +461,8 @@ def train(cfg, on_step=None) -> dict:
                     "to resume")
                 return {"status": "interrupted", "step": step, "workdir": str(workdir),
                         "history": history, "mesh": shd.describe(mesh), "batch_rows": rows}
+        if pending is not None:
+            check_finite(*pending)
         ckpts.wait()
         results = (_evaluate(config, state["params"], eval_batches, workdir, writer, step)
                    if eval_batches else {})
@@ -441,14 +528,66 @@ def _evaluate(config, params, batches, workdir: Path, writer, step: int) -> dict
     return res
 
 
+DEBUG_ENV = "SOFT_JAX_DEBUG"  # =1: full tracebacks instead of one-line errors
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or bool(
+        _FLAGS is not None and _FLAGS["debug"].value)
+
+
+def _fail(msg: str, code: int) -> None:
+    print(f"error: {msg}", file=__import__("sys").stderr, flush=True)
+    raise SystemExit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors: an unknown `--config.x` is named, with the
+    config file's fields, instead of an ml_collections traceback."""
+    from soft_jax.train_config import check_override_names, load_config_file
+
+    if not any(a == "--debug" for a in argv) and not _debug():
+        try:
+            path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+            if path is None and "--config" in argv[:-1]:
+                path = argv[argv.index("--config") + 1]
+            if path is not None:
+                check_override_names(load_config_file(path), argv)
+        except (ValueError, FileNotFoundError) as e:
+            _fail(str(e), 2)
+    try:
+        return _FLAGS(argv)
+    except Exception as e:  # noqa: BLE001  bad values, missing --config: one line
+        if _debug():
+            raise
+        _fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (--helpfull for "
+              "flags; --debug or SOFT_JAX_DEBUG=1 for a traceback)", 2)
+
+
 def main(argv) -> None:
-    """absl entry point: `--config` file plus `--config.field=value` overrides."""
+    """absl entry point: `--config` file plus `--config.field=value` overrides.
+
+    Config and data errors print one line and exit 2, a diverged run exits 3; `--debug` or
+    SOFT_JAX_DEBUG=1 shows the traceback instead."""
     del argv
     from absl import logging
 
+    from soft_jax.checkpoint import CheckpointError
+
     if not _FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
-    result = train(_FLAGS.config)
+    try:
+        result = train(_FLAGS.config)
+    except TrainingDiverged as e:
+        if _debug():
+            raise
+        _fail(str(e), 3)
+    except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
+        if _debug():
+            raise
+        _fail(f"{e} (--debug or SOFT_JAX_DEBUG=1 for a traceback)", 2)
     if result["status"] == "interrupted":
         raise SystemExit(0)
 
@@ -462,5 +601,6 @@ if __name__ == "__main__":
     _FLAGS = flags.FLAGS
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
                                     lock_config=True)
+    flags.DEFINE_bool("debug", False, "full tracebacks instead of one-line errors")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -126,6 +126,22 @@ def load_config_file(path) -> ml_collections.ConfigDict:
     return module.get_config()
 
 
+def check_override_names(cfg: ml_collections.ConfigDict, argv: list[str]) -> None:
+    """Raise ValueError naming a `--config.a.b=...` argument that `cfg` has no field for."""
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        name = arg[len("--config."):].split("=", 1)[0]
+        node = cfg
+        for i, part in enumerate(name.split(".")):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                where = ".".join(name.split(".")[:i]) or "the config"
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                raise ValueError(f"unknown config field {name!r} (from {arg.split('=')[0]}); "
+                                 f"fields of {where}: {known}")
+            node = node[part]
+
+
 def unknown_fields(cfg, ref, open_keys=(), prefix="") -> list[str]:
     """Dotted names of fields in `cfg` that the schema `ref` lacks (`open_keys` take any)."""
     out = []
@@ -145,12 +161,23 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"unknown config field(s) {unknown}; see soft_jax/train_config.py")
     if cfg.mode not in MODES:
         raise ValueError(f"config.mode={cfg.mode!r}; expected one of {MODES}")
-    for name in ("total_steps", "batch_size", "grad_accum"):
+    for name in ("total_steps", "batch_size", "grad_accum", "checkpoint_every",
+                 "keep_checkpoints", "log_every"):
         if int(cfg[name]) < 1:
             raise ValueError(f"config.{name} must be >= 1, got {cfg[name]}")
     if cfg.batch_size % cfg.grad_accum:
         raise ValueError(f"config.batch_size={cfg.batch_size} must be divisible by "
                          f"config.grad_accum={cfg.grad_accum}")
+    from soft_jax.data import FORMATS
+
+    if cfg.data.format not in FORMATS:
+        raise ValueError(f"config.data.format={cfg.data.format!r}; expected one of "
+                         f"{sorted(FORMATS)}")
+    if cfg.data.on_bad_row not in ("error", "skip"):
+        raise ValueError(f"config.data.on_bad_row={cfg.data.on_bad_row!r}; expected 'error' "
+                         "or 'skip'")
+    if int(cfg.data.seq_len) < 2:
+        raise ValueError(f"config.data.seq_len must be >= 2, got {cfg.data.seq_len}")
     if cfg.mode == "ict" and not cfg.model.init_from:
         raise ValueError("config.mode='ict' needs config.model.init_from: an SFT checkpoint")
     for name in ("data", "fsdp", "tensor"):
@@ -160,6 +187,33 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.distributed.mode not in ("auto", "on", "off"):
         raise ValueError(f"config.distributed.mode={cfg.distributed.mode!r}; expected auto, on "
                          "or off")
+
+
+# Fields a resumed run may change: how it runs, logs, checkpoints and is laid out on
+# devices, not what it learns. Everything else must match the saved train_config.json.
+RESUME_MAY_CHANGE = ("workdir", "total_steps", "checkpoint_every", "keep_checkpoints",
+                     "async_checkpointing", "log_every", "eval_every", "eval_batches",
+                     "grad_accum", "data.eval_source", "data.eval_split", "loss.impl",
+                     "loss.chunk_tokens", "model.remat_policy", "mesh", "distributed")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "overrides":
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(field, saved value, new value) for each field that changes what a resumed run
+    trains (both configs as JSON dicts; absent fields read as None)."""
+    a, b = _flatten(saved), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k)
+            and not any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)]
 
 
 PAPER_DATA = {  # task -> (format, hub source, subset, train split, eval split)

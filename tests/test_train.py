@@ -124,7 +124,7 @@ def test_cli_sigterm_then_resume_and_convert(tmp_path):
     cmd = [sys.executable, "-m", "soft_jax.train", "--config", str(ROOT / "configs/tiny.py"),
            f"--config.workdir={wd}", "--config.total_steps=400", "--config.log_every=1",
            "--config.checkpoint_every=1000", "--config.data.max_rows=32",
-           "--config.data.seq_len=64", "--config.data.tokenizer=bpe:300",
+           "--config.data.seq_len=192", "--config.data.tokenizer=bpe:300",
            "--config.data.eval_source="]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)

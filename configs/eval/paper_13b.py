@@ -43,7 +43,7 @@ def get_config():
     c.sortedness.positions = 20
     c.sortedness.response = "generated"  # the SoFT last layer's greedy response, shared
 
-    c.triviaqa.source = "trivia_qa"
+    c.triviaqa.source = "mandarjoshi/trivia_qa"
     c.triviaqa.subset = "rc.nocontext"
     c.triviaqa.split = "validation"
     c.triviaqa.max_new_tokens = 50  # the paper's limit
