@@ -169,9 +169,15 @@ def head_kernel(config: LlamaConfig, params: Params, exit_layer: int) -> Array:
 def head_logits(config: LlamaConfig, params: Params, h: Array, exit_layer: int) -> Array:
     """float32 logits from a raw residual stream: final norm, then the head for that exit."""
     x = rms_norm(h, params["final_norm"]["scale"].astype(h.dtype), config.rms_norm_eps)
+    x = x.astype(config.compute_dtype)
+    if config.tie_word_embeddings and ("exit_heads" not in params
+                                       or exit_layer == config.num_layers):
+        # Contract the [vocab, hidden] table directly: a transposed kernel is materialised
+        # by XLA CPU (a full copy of the table per decoding step).
+        table = params["embed"]["embedding"].astype(config.compute_dtype)
+        return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
     kernel = head_kernel(config, params, exit_layer).astype(config.compute_dtype)
-    return jnp.einsum("...d,dv->...v", x.astype(config.compute_dtype), kernel,
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum("...d,dv->...v", x, kernel, preferred_element_type=jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("config", "exits"))

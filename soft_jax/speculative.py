@@ -3,13 +3,16 @@
 The draft is a prefix of the full model, so drafting already wrote the KV of layers 1..n for
 the drafted positions and kept their layer-n states; verification runs only layers n+1..L
 on those K+1 states in one call (LayerSkip). Rejected positions are rolled back by moving the
-cache length back (decode.py masks everything beyond it).
+cache length back (decode.py masks everything beyond it). The whole generation (drafting,
+verification, acceptance, adaptive K, stop tokens) is one `lax.while_loop` on device: the
+host sees the result once, not once per round.
 """
 
 from __future__ import annotations
 
 import time
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +20,7 @@ import numpy as np
 
 from soft_jax.config import LlamaConfig
 from soft_jax.decode import (Cache, Sampling, cache_slots, exit_head, filter_logits, forward,
-                             head_index, prefill, run_layers, sample)
+                             head_index, prefill, run_layers, sample, stop_array)
 from soft_jax.model import head_logits
 
 Array = jax.Array
@@ -26,7 +29,7 @@ START_K, MAX_K = 4, 15  # adaptive draft length: the paper's start; the cap boun
 
 def verify_rows(k: int) -> int:
     """Rows of the verify call for k drafts: k + 1 rounded up to a power of two, so adaptive K
-    compiles at most four programs; the extra rows are scratch past the cache length (in the
+    needs only a few static-shape verify branches (a switch in one program); the extra rows are scratch past the cache length (in the
     memory-bound decode regime a few extra rows cost next to nothing)."""
     return 1 << k.bit_length()
 
@@ -56,44 +59,109 @@ def accept_drafts(u: Array, drafts: Array, q_logits: Array, p_logits: Array, k: 
     return m, sample(jnp.where(residual.sum() > 0, residual, p[m]), u[-1])
 
 
-@partial(jax.jit, static_argnames=("config", "rows", "greedy"), donate_argnames=("cache",))
-def spec_round(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_ctx: Array,
-               key: Array, s: Sampling, draft_exit: Array, head_idx: Array, k: Array, rows: int,
-               greedy: bool) -> tuple[Array, Cache]:
-    """Draft k < rows tokens after `last` (at slot n_ctx) with exit draft_exit, verify, accept.
+class SpecState(NamedTuple):
+    """The carry of the on-device speculation loop."""
 
-    Returns ([accepted count, next token, drafts...] as one int32 array [rows + 1], cache):
-    one transfer to the host per round.
-    """
+    cache: Cache
+    last: Array  # the last emitted token, fed at slot n_ctx in the next round
+    n_ctx: Array
+    out: Array  # [capacity + rows] emitted tokens (valid up to n_out)
+    n_out: Array
+    cur_k: Array
+    done: Array
+    rounds: Array
+    drafted: Array
+    accepted: Array
+    lengths: Array  # [capacity] draft length of each round
+
+
+def _draft(config, params, cache, last, n_ctx, s, draft_exit, head_idx, k, u, rows, greedy):
+    """Draft k tokens after `last` with the sub-model; step k only runs the last draft through
+    layers 1..n for the verifier. Returns (cache, layer-n states [rows, D], drafts [rows - 1],
+    draft logits [rows - 1, V] (filtered; a dummy column if greedy))."""
     pad = jnp.zeros((1,), jnp.int32)
-    # rows - 1 draft samples, then rows - 1 acceptance tests and one resample
-    u = None if greedy else jax.random.uniform(jax.random.fold_in(key, n_ctx), (2 * rows - 1,))
 
-    def draft(i, c):
+    def step(i, c):
         cache, tok, hs, drafts, qs = c
         h, cache = forward(config, params, tok[None, None], cache, pad, n_ctx + i, draft_exit)
         hs = hs.at[i].set(h[0, 0])
 
         def propose(_):
-            q = exit_head(config, params, h[:, 0], head_idx)
-            q = q if greedy else filter_logits(q, s)
-            d = jnp.argmax(q[0]) if greedy else sample(jax.nn.softmax(q[0]), u[i])
-            return d.astype(jnp.int32), drafts.at[i].set(d), qs.at[i].set(q[0])
+            q = exit_head(config, params, h[:, 0], head_idx)[0]
+            if greedy:
+                d = jnp.argmax(q).astype(jnp.int32)
+                return d, drafts.at[i].set(d), qs
+            q = filter_logits(q, s)
+            d = sample(jax.nn.softmax(q), u[i])
+            return d, drafts.at[i].set(d), qs.at[i].set(q)
 
-        # Step k only runs the last draft through layers 1..n for the verifier (no head).
         tok, drafts, qs = jax.lax.cond(i < k, propose, lambda _: (tok, drafts, qs), None)
         return cache, tok, hs, drafts, qs
 
     init = (cache, last, jnp.zeros((rows, config.hidden_size), config.compute_dtype),
             jnp.zeros((rows - 1,), jnp.int32),
-            jnp.zeros((rows - 1, config.vocab_size), jnp.float32))
-    cache, _, hs, drafts, qs = jax.lax.fori_loop(0, k + 1, draft, init)
-    h, cache = run_layers(config, params, hs[None], cache, pad, n_ctx, draft_exit,
-                          config.num_layers)
+            jnp.zeros((rows - 1, 1 if greedy else config.vocab_size), jnp.float32))
+    cache, _, hs, drafts, qs = jax.lax.fori_loop(0, k + 1, step, init)
+    return cache, hs, drafts, qs
+
+
+def _verify(config, params, cache, hs, drafts, qs, u, n_ctx, s, draft_exit, k, rows, greedy):
+    """Layers n+1..L on the first `rows` (static) draft states, the full head, accept/resample:
+    (accepted count m, next token, cache)."""
+    h, cache = run_layers(config, params, hs[None, :rows], cache, jnp.zeros((1,), jnp.int32),
+                          n_ctx, draft_exit, config.num_layers)
     p = head_logits(config, params, h[0], config.num_layers)
     p = p if greedy else filter_logits(p, s)
-    m, nxt = accept_drafts(None if greedy else u[rows - 1:], drafts, qs, p, k, greedy)
-    return jnp.concatenate([jnp.stack([m, nxt]).astype(jnp.int32), drafts]), cache
+    m, nxt = accept_drafts(None if greedy else u[:rows], drafts[:rows - 1], qs[:rows - 1], p,
+                           k, greedy)
+    return m, nxt, cache
+
+
+@partial(jax.jit, static_argnames=("config", "capacity", "max_k", "adaptive", "greedy"),
+         donate_argnames=("cache",))
+def spec_loop(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_ctx: Array,
+              key: Array, s: Sampling, stop_ids: Array, draft_exit: Array, head_idx: Array,
+              k0: Array, max_new: Array, capacity: int, max_k: int, adaptive: bool,
+              greedy: bool) -> SpecState:
+    """Self-speculative decoding of one prompt, every round on device (one while loop).
+
+    `last` (the prompt's last token) sits at slot n_ctx. Each round drafts
+    K = min(cur_k, max_new - emitted - 1) >= 1 tokens (cur_k starts at k0; adaptive: +2 when
+    all were accepted, else -1, within 1..max_k), verifies them in one call whose row count
+    verify_rows(K) picks one of a few static-shape branches, and appends the accepted drafts
+    and the next token, stopping after a stop id or max_new (traced, <= capacity) tokens.
+    """
+    rows = verify_rows(max_k)
+    sizes = [1 << j for j in range(1, rows.bit_length())]  # verify_rows of K = 1..max_k
+
+    def body(st: SpecState) -> SpecState:
+        k = jnp.clip(jnp.minimum(st.cur_k, max_new - st.n_out - 1), 1, max_k)
+        # rows - 1 draft samples, then up to rows - 1 acceptance tests and one resample
+        u = None if greedy else jax.random.uniform(jax.random.fold_in(key, st.n_ctx),
+                                                   (2 * rows - 1,))
+        cache, hs, drafts, qs = _draft(config, params, st.cache, st.last, st.n_ctx, s,
+                                       draft_exit, head_idx, k, u, rows, greedy)
+        u_acc = None if greedy else u[rows - 1:]
+        branches = [partial(_verify, config, params, rows=r, greedy=greedy) for r in sizes]
+        branch = 31 - jax.lax.clz(k)  # k.bit_length() - 1: index of verify_rows(k) in sizes
+        m, nxt, cache = jax.lax.switch(branch, branches, cache, hs, drafts, qs, u_acc, st.n_ctx,
+                                       s, draft_exit, k)
+        seq = jnp.concatenate([drafts, jnp.zeros((1,), jnp.int32)]).at[m].set(nxt)
+        stops = jnp.isin(seq, stop_ids) & (jnp.arange(rows) <= m)
+        emit = jnp.minimum(jnp.where(jnp.any(stops), jnp.argmax(stops), m) + 1,
+                           max_new - st.n_out)
+        n_out = st.n_out + emit
+        cur_k = (jnp.where(m == k, jnp.minimum(max_k, st.cur_k + 2), jnp.maximum(1, st.cur_k - 1))
+                 if adaptive else st.cur_k)
+        return SpecState(cache, nxt, st.n_ctx + m + 1,
+                         jax.lax.dynamic_update_slice(st.out, seq, (st.n_out,)), n_out, cur_k,
+                         jnp.any(stops) | (n_out >= max_new), st.rounds + 1, st.drafted + k,
+                         st.accepted + m, st.lengths.at[st.rounds].set(k))
+
+    zero = jnp.int32(0)
+    init = SpecState(cache, last, n_ctx, jnp.zeros((capacity + rows,), jnp.int32), zero, k0,
+                     jnp.bool_(False), zero, zero, zero, jnp.zeros((capacity,), jnp.int32))
+    return jax.lax.while_loop(lambda st: ~st.done, body, init)
 
 
 def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], max_new: int,
@@ -102,33 +170,20 @@ def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], m
     """Generate for one prompt; `k=None` adapts K (start 4, +2 all accepted, else -1, min 1)."""
     max_k = k or MAX_K  # the cap applies to adaptive K only
     slots = cache_slots(len(prompt) + max_new + verify_rows(max_k))
-    key, head_idx = jax.random.PRNGKey(seed), np.int32(head_index(config, params, draft_exit))
     t0 = time.perf_counter()
     cache = prefill(config, params, jnp.asarray([prompt[:-1]], jnp.int32),
                     jnp.zeros((1,), jnp.int32), slots)
-    out, n_ctx, cur_k = [], len(prompt) - 1, k or START_K
-    drafted = accepted = rounds = 0
-    lengths = []
-    while len(out) < max_new and not (out and out[-1] in stop_ids):
-        kk = max(1, min(cur_k, max_k, max_new - len(out) - 1))  # no drafts past max_new
-        res, cache = spec_round(config, params, cache, np.int32(out[-1] if out else prompt[-1]),
-                                np.int32(n_ctx), key, s, np.int32(draft_exit), head_idx,
-                                np.int32(kk), verify_rows(kk), greedy)
-        res = np.asarray(res).tolist()
-        m, nxt, drafts = res[0], res[1], res[2:]
-        rounds += 1
-        lengths.append(kk)
-        drafted, accepted, n_ctx = drafted + kk, accepted + m, n_ctx + m + 1
-        for t in drafts[:m] + [nxt]:
-            out.append(t)
-            if t in stop_ids or len(out) == max_new:
-                break
-        if k is None:
-            cur_k = min(MAX_K, cur_k + 2) if m == kk else max(1, cur_k - 1)
+    st = spec_loop(config, params, cache, jnp.int32(prompt[-1]), jnp.int32(len(prompt) - 1),
+                   jax.random.PRNGKey(seed), s, stop_array(stop_ids), jnp.int32(draft_exit),
+                   jnp.int32(head_index(config, params, draft_exit)), jnp.int32(k or START_K),
+                   jnp.int32(max_new), cache_slots(max_new), max_k, k is None, greedy)
+    n_out, rounds, drafted, accepted = (int(x) for x in jax.device_get(
+        (st.n_out, st.rounds, st.drafted, st.accepted)))
+    out = np.asarray(st.out[:n_out]).tolist()
     stats = {"drafted": drafted, "accepted": accepted, "rejected": drafted - accepted,
              "rejection_ratio": (drafted - accepted) / drafted if drafted else 0.0,
              "acceptance_rate": accepted / drafted if drafted else 0.0, "rounds": rounds,
-             "draft_lengths": lengths,
-             "tokens_per_round": len(out) / rounds if rounds else 0.0,
+             "draft_lengths": np.asarray(st.lengths[:rounds]).tolist(),
+             "tokens_per_round": n_out / rounds if rounds else 0.0,
              "time_s": time.perf_counter() - t0}
     return out, stats

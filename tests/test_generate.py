@@ -16,7 +16,7 @@ import soft_jax as sj
 from soft_jax import decode, dynamic
 from soft_jax.dynamic import PAPER_THRESHOLDS, default_thresholds
 from soft_jax.generate import generate, main
-from soft_jax.speculative import accept_drafts
+from soft_jax.speculative import accept_drafts, spec_loop
 
 SHAPES = {  # GQA + untied head; MHA + explicit head_dim + tied embeddings
     "gqa": dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
@@ -96,6 +96,35 @@ def test_greedy_speculative_is_token_identical_to_plain_greedy(shape, seed):
     assert generate(cfg, params, PROMPT, N, draft_exit=1, stop_tokens=[stop]).tokens == [cut]
 
 
+def test_on_device_speculation_equals_greedy_for_prompts_stops_and_exits():
+    cfg, params = model("gqa", 1)
+    for prompt in ([3], list(range(2, 14))):
+        plain = generate(cfg, params, prompt, N).tokens[0]
+        for stop in (None, plain[N // 2]):
+            stops = [] if stop is None else [stop]
+            want = generate(cfg, params, prompt, N, stop_tokens=stops).tokens
+            for n in range(1, cfg.num_layers):
+                got = generate(cfg, params, prompt, N, draft_exit=n, stop_tokens=stops)
+                assert got.tokens == want, (prompt, stop, n)
+                assert got.stats["rounds"] == len(got.stats["draft_lengths"]) >= 1
+    one = generate(cfg, params, prompt, 1, draft_exit=2)
+    assert one.tokens == [plain[:1]] and one.stats["draft_lengths"] == [1]
+
+
+def test_speculation_loop_makes_no_host_transfer():
+    # The whole generation is one device program: no device-to-host copy until it returns.
+    cfg, params = model("gqa", 0)
+    cache = decode.prefill(cfg, params, jnp.asarray([PROMPT[:-1]]), jnp.zeros(1, jnp.int32), 64)
+    args = (jnp.int32(PROMPT[-1]), jnp.int32(len(PROMPT) - 1), jax.random.PRNGKey(0),
+            decode.sampling(), decode.stop_array(set()), jnp.int32(2), jnp.int32(0),
+            jnp.int32(4))
+    with jax.transfer_guard_device_to_host("disallow"):
+        st = spec_loop(cfg, params, cache, *args, jnp.int32(N), capacity=64, max_k=15,
+                       adaptive=True, greedy=True)
+        jax.block_until_ready(st)
+    assert np.asarray(st.out[:N]).tolist() == generate(cfg, params, PROMPT, N).tokens[0]
+
+
 def identity_last_layer(params):
     """The model with its last layer's residual updates zeroed: exit L-1 == exit L exactly."""
     params = jax.tree.map(lambda x: x, params)  # fresh containers, shared leaves
@@ -172,6 +201,9 @@ def test_sampling_is_reproducible_per_seed():
     assert a.tokens == generate(cfg, params, PROMPT, N, seed=1, **spec).tokens
     assert a.tokens != generate(cfg, params, PROMPT, N, seed=2, **spec).tokens
     assert a.stats["rejected"] == 0 and a.stats["drafted"] >= N - 3
+    # ... also with adaptive K, which then grows by 2 every round
+    b = generate(cfg, params, PROMPT, 2 * N, seed=3, **dict(spec, draft_tokens=None))
+    assert b.stats["rejected"] == 0 and b.stats["draft_lengths"] == [4, 6, 7]
 
 
 def test_filter_logits_top_k_and_top_p():
