@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 SIZES = {  # the CPU size fits ~45 min on an idle 2-core CPU; --full is meant for one GPU
-    "cpu": dict(steps=30, batch_size=2, seq_len=512, lr=3e-4, warmup=3, loss_examples=100,
-                gen_examples=20, max_new_tokens=128, sortedness_examples=32, positions=20,
-                decode_prompts=3, decode_new_tokens=64),
+    "cpu": dict(steps=30, batch_size=2, seq_len=512, lr=3e-4, warmup=3, loss_examples=50,
+                gen_examples=16, max_new_tokens=128, sortedness_examples=32, positions=20,
+                decode_prompts=2, decode_new_tokens=48),
     "full": dict(steps=300, batch_size=8, seq_len=512, lr=3e-4, warmup=10, loss_examples=200,
                  gen_examples=200, max_new_tokens=256, sortedness_examples=170, positions=20,
                  decode_prompts=20, decode_new_tokens=128),
@@ -120,6 +120,149 @@ def train_stage(run: Path, mode: str, size: dict) -> dict:
     return cached(run / mode / "done.json", f"train {mode}", go)
 
 
+# ------------------------------------------------------------------------ evaluation
+MODELS = {"base": "base", "sft": "SFT", "soft": "SoFT", "ict": "ICT"}
+
+
+def eval_config(run: Path, name: str, task: str, size: dict, second: str = ""):
+    """An eval config (soft_jax/eval) for one model and task, chat-formatted like training."""
+    from soft_jax.eval.config import default_config
+
+    c = default_config()
+    c.name, c.ckpt, c.exits, c.tasks = MODELS[name], str(run / name), EXITS, (task,)
+    c.out_dir = str(run / "eval" / name / task)
+    c.template = "chat"
+    c.batch_size = 4 if task == "loss" else 8
+    c.loss.max_examples = size["loss_examples"]
+    c.loss.seq_len = size["seq_len"]
+    c.gsm8k.shots = (0,)
+    c.gsm8k.max_examples = size["gen_examples"]
+    c.gsm8k.max_new_tokens = size["max_new_tokens"]
+    c.sortedness.max_examples = size["sortedness_examples"]
+    c.sortedness.positions = size["positions"]
+    if second:
+        c.second.name, c.second.ckpt = MODELS[second], str(run / second)
+    return c
+
+
+def rouge_l(outputs: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F1 (Google's `rouge-score`, stemmed) of outputs against references."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, o)["rougeL"].fmeasure for o, r in zip(outputs, references)]
+    return float(sum(scores) / len(scores)) if scores else 0.0
+
+
+def eval_stage(run: Path, name: str, task: str, size: dict, second: str = "") -> dict:
+    """One eval task on one model at every exit (soft_jax.eval.run_eval)."""
+    from soft_jax.eval.runner import read_jsonl, run_eval
+
+    def go():
+        cfg = eval_config(run, name, task, size, second)
+        run_eval(cfg)
+        res = json.loads((Path(cfg.out_dir) / "results.json").read_text())[task]
+        if task == "gsm8k":  # ROUGE-L of each exit's solutions against the reference ones
+            preds = read_jsonl(Path(cfg.out_dir) / "gsm8k_predictions.jsonl", "predictions")
+            refs = {i: r["answer"] for i, r in enumerate(_heldout()[:size["gen_examples"]])}
+            res["rouge_l"] = {str(e): rouge_l([p["output"] for p in preds if p["exit"] == e],
+                                              [refs[p["id"]] for p in preds if p["exit"] == e])
+                              for e in EXITS}
+        return res
+
+    return cached(run / "eval" / name / f"{task}.json", f"eval {name} {task}", go)
+
+
+def _heldout() -> list[dict]:
+    from soft_jax.data import gsm8k_demo_rows
+
+    return gsm8k_demo_rows("heldout")
+
+
+# ------------------------------------------------------------------------ decoding
+def decode_stage(run: Path, name: str, size: dict) -> dict:
+    """CPU batch-1 decoding of one model on the same prompts: each exit alone, self-speculative
+    drafts from every exit (token-identical to greedy, asserted), dynamic exit."""
+    def go():
+        return decode_benchmark(run / name, size["decode_prompts"], size["decode_new_tokens"])
+
+    return cached(run / "decode" / f"{name}.json", f"decode {name}", go)
+
+
+def _timed(config, params, prompts, n_new, **kw) -> tuple[list[list[int]], dict]:
+    """Tokens per prompt and summed stats of soft_jax.generate, after an untimed pass over
+    the same prompts (compiles every shape the timed pass meets, adaptive draft lengths
+    included)."""
+    import warnings
+
+    from soft_jax.generate import generate
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+        for p in prompts:
+            generate(config, params, [p], n_new, **kw)
+        outs = [generate(config, params, [p], n_new, **kw) for p in prompts]
+    toks = [o.tokens[0] for o in outs]
+    n = sum(len(t) for t in toks)
+    stats = {"tokens": n, "time_s": sum(o.stats["time_s"] for o in outs)}
+    stats["ms_per_token"] = 1000 * stats["time_s"] / max(1, n)
+    for key in ("drafted", "accepted"):
+        if key in outs[0].stats:
+            stats[key] = sum(o.stats[key] for o in outs)
+    if "mean_exit_layer" in outs[0].stats:
+        taken = [e for o in outs for e in o.stats["exits"]]
+        stats["mean_exit_layer"] = sum(taken) / max(1, len(taken))
+    return toks, stats
+
+
+def decode_benchmark(ckpt: Path, n_prompts: int, n_new: int,
+                     sweep=(0.5, 0.7, 0.9)) -> dict:
+    """ms/token per exit alone, speculative acceptance / speedup per draft exit, dynamic-exit
+    speedup with accuracy and ROUGE-L (default thresholds and uniform `sweep` thresholds)."""
+    from soft_jax.data import chat_prompt
+    from soft_jax.eval.runner import load_model
+    from soft_jax.eval.scoring import extract_gsm8k_answer
+
+    model = load_model(ckpt=str(ckpt))
+    config, params, tok = model.config.replace(exits=EXITS), model.params, model.tokenizer
+    rows = _heldout()[:n_prompts]
+    prompts = [tok.encode(chat_prompt(tok, [{"role": "user", "content": r["question"]}]),
+                          add_special_tokens=False) for r in rows]
+
+    def quality(toks):
+        texts = [tok.decode(t, skip_special_tokens=True) for t in toks]
+        correct = sum(extract_gsm8k_answer(t) == extract_gsm8k_answer(r["answer"])
+                      for t, r in zip(texts, rows))
+        return {"correct": int(correct), "total": len(rows),
+                "rouge_l": rouge_l(texts, [r["answer"] for r in rows])}
+
+    greedy, full = _timed(config, params, prompts, n_new)
+    out = {"prompts": len(prompts), "max_new_tokens": n_new, "greedy": {**full, **quality(greedy)},
+           "exit_alone": {}, "speculative": {}, "dynamic": {}}
+    for e in EXITS:
+        toks, st = (greedy, full) if e == config.num_layers else _timed(
+            config, params, prompts, n_new, exit_layer=e)
+        out["exit_alone"][str(e)] = {**st, **quality(toks)}
+        log(f"decode {ckpt.name} exit {e}: {st['ms_per_token']:.1f} ms/token")
+    for d in EXITS[:-1]:
+        toks, st = _timed(config, params, prompts, n_new, draft_exit=d)
+        if toks != greedy:
+            raise AssertionError(f"self-speculative decoding with draft exit {d} changed the "
+                                 "greedy output")
+        st.update(acceptance_rate=st["accepted"] / max(1, st["drafted"]),
+                  speedup=full["ms_per_token"] / st["ms_per_token"])
+        out["speculative"][str(d)] = st
+        log(f"decode {ckpt.name} draft {d}: acceptance {st['acceptance_rate']:.2f}, "
+            f"speedup {st['speedup']:.2f}x")
+    for label, thr in [("default", None)] + [(f"{t:g}", t) for t in sweep]:
+        toks, st = _timed(config, params, prompts, n_new, thresholds=thr, dynamic=True)
+        st.update(speedup=full["ms_per_token"] / st["ms_per_token"], **quality(toks))
+        out["dynamic"][label] = st
+        log(f"decode {ckpt.name} dynamic {label}: mean exit {st['mean_exit_layer']:.1f}, "
+            f"speedup {st['speedup']:.2f}x, {st['correct']}/{st['total']} correct")
+    return out
+
+
 def main(argv=None) -> dict:
     """Run (or resume) every stage of the reproduction."""
     p = argparse.ArgumentParser(description=__doc__,
@@ -133,7 +276,22 @@ def main(argv=None) -> dict:
     size = SIZES["full" if args.full else "cpu"]
     log(f"run dir {run}, size {'full' if args.full else 'cpu'}: {size}")
     convert_stage(run, Path(args.gguf) if args.gguf else default_gguf())
-    results = {"size": size, "train": {m: train_stage(run, m, size) for m in RUNS}}
+    results: dict = {"size": size, "train": {}, "eval": {m: {} for m in MODELS}, "decode": {}}
+    for mode in ("sft", "soft"):
+        results["train"][mode] = train_stage(run, mode, size)
+    for m in ("base", "sft", "soft"):  # the headline comparison first
+        results["eval"][m]["loss"] = eval_stage(run, m, "loss", size)
+    results["train"]["ict"] = train_stage(run, "ict", size)
+    results["eval"]["ict"]["loss"] = eval_stage(run, "ict", "loss", size)
+    for m in MODELS:
+        results["eval"][m]["gsm8k"] = eval_stage(run, m, "gsm8k", size)
+    for m, second in (("soft", "sft"), ("base", ""), ("ict", "")):
+        results["eval"][m]["sortedness"] = eval_stage(run, m, "sortedness", size, second)
+    for m in ("soft", "sft"):
+        results["decode"][m] = decode_stage(run, m, size)
+    from soft_jax.reproduce_report import write_report
+
+    write_report(run, results)
     return results
 
 
