@@ -400,16 +400,16 @@ def _require_gguf_packages() -> None:
 def hf_from_gguf(gguf_file, out) -> Path:
     """Dequantise a LLaMA-architecture GGUF into a plain HF LlamaForCausalLM folder (float32
     safetensors, config without `quantization_config`, tokenizer and chat template)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    from transformers import LlamaConfig as HFLlamaConfig
-
     path, out = Path(gguf_file), Path(out)
     ensure_empty_output(out)
     arch = gguf_architecture(path)
     if arch != "llama":
         raise ConversionError(f"GGUF file {str(path)!r} has architecture {arch!r} "
                               "(general.architecture); only 'llama' is supported")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaConfig as HFLlamaConfig
+
     kw = dict(gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
     hf_cfg = loaded.config.to_dict()
