@@ -19,7 +19,7 @@ SIZES = {  # the CPU size fits ~45 min on an idle 2-core CPU; --full is meant fo
     "cpu": dict(steps=30, batch_size=2, seq_len=512, lr=3e-4, warmup=3, loss_examples=50,
                 gen_examples=16, max_new_tokens=128, sortedness_examples=32, positions=20,
                 decode_prompts=2, decode_new_tokens=48),
-    "full": dict(steps=300, batch_size=8, seq_len=512, lr=3e-4, warmup=10, loss_examples=200,
+    "full": dict(steps=160, batch_size=8, seq_len=512, lr=3e-4, warmup=5, loss_examples=200,
                  gen_examples=200, max_new_tokens=256, sortedness_examples=170, positions=20,
                  decode_prompts=20, decode_new_tokens=128),
 }
