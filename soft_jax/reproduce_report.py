@@ -132,8 +132,13 @@ def write_report(run: Path, results: dict) -> Path:
     figs.mkdir(parents=True)
     t = results["train"]
     walls = ", ".join(f"{m} {r['wall_s'] / 60:.1f} min" for m, r in t.items())
+    from soft_jax.reproduce import STAGES, stage_path
+
+    missing = [" ".join(st[:3]) for st in STAGES
+               if not stage_path(run, st[0], st[1], *st[2:3]).is_file()]
     md = ["# SoFT reproduction on SmolLM2-135M-Instruct", "",
-          f"Budget per run: {results['size']}; training wall time: {walls}.", ""]
+          f"Budget per run: {results['size']}; training wall time: {walls or 'n/a'}.", "",
+          f"Stages not done: {', '.join(missing) if missing else 'none'}.", ""]
     md += loss_section(results, figs) + gsm8k_section(results, figs)
     md += sortedness_section(results, figs) + decode_section(results, figs)
     out = run / "report.md"
