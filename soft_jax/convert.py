@@ -2,6 +2,7 @@
 
     python -m soft_jax.convert from-hf --hf DIR_OR_HUB_NAME --out CKPT
     python -m soft_jax.convert to-hf --ckpt CKPT_OR_WORKDIR --out DIR [--exit N] [--dtype bfloat16]
+    python -m soft_jax.convert from-gguf --gguf FILE [--out CKPT] [--hf-out DIR]
 """
 
 from __future__ import annotations
@@ -366,21 +367,107 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> bool:
     return True
 
 
+# ------------------------------------------------------------------------ GGUF
+GGUF_PACKAGES = ("gguf", "accelerate")
+
+
+def gguf_architecture(path) -> str:
+    """The `general.architecture` of a GGUF file (e.g. "llama"), read from its header."""
+    _require_gguf_packages()
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
+    try:
+        field = gguf.GGUFReader(str(path)).get_field("general.architecture")
+    except (ValueError, OSError) as e:
+        raise ConversionError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
+    if field is None:
+        raise ConversionError(f"GGUF file {str(path)!r} has no general.architecture field")
+    return str(field.contents())
+
+
+def _require_gguf_packages() -> None:
+    import importlib.util
+
+    missing = [m for m in GGUF_PACKAGES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConversionError(f"reading GGUF files needs the packages {missing}: "
+                              f"pip install {' '.join(missing)}")
+
+
+def hf_from_gguf(gguf_file, out) -> Path:
+    """Dequantise a LLaMA-architecture GGUF into a plain HF LlamaForCausalLM folder (float32
+    safetensors, config without `quantization_config`, tokenizer and chat template)."""
+    path, out = Path(gguf_file), Path(out)
+    ensure_empty_output(out)
+    arch = gguf_architecture(path)
+    if arch != "llama":
+        raise ConversionError(f"GGUF file {str(path)!r} has architecture {arch!r} "
+                              "(general.architecture); only 'llama' is supported")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaConfig as HFLlamaConfig
+
+    kw = dict(gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+    hf_cfg = loaded.config.to_dict()
+    hf_cfg.pop("quantization_config", None)
+    plain = LlamaForCausalLM(HFLlamaConfig.from_dict(hf_cfg)).to(torch.float32)
+    plain.load_state_dict(loaded.state_dict())  # strict: every tensor accounted for
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    tmp = atomic_dir(out)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        commit_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out.absolute()
+
+
 # ------------------------------------------------------------------------ CLI
-def from_hf_main(args) -> Path:
-    """`from-hf`: HF folder -> Orbax checkpoint + model config (+ tokenizer files)."""
+def checkpoint_from_hf(hf, out, dtype: str | None = "float32", exits=None) -> Path:
+    """HF folder or hub name -> Orbax checkpoint + model config (+ tokenizer files)."""
     from soft_jax.checkpoint import save_params
 
-    ensure_empty_output(Path(args.out), "checkpoint folder")
-    exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
-    config, params = load_hf(args.hf, None if args.dtype == "auto" else args.dtype, exits)
-    folder = _resolve_hf_folder(args.hf)
-    tok_tmp = atomic_dir(Path(args.out).with_name(Path(args.out).name + "-tok"))
+    ensure_empty_output(Path(out), "checkpoint folder")
+    config, params = load_hf(hf, dtype, exits)
+    folder = _resolve_hf_folder(hf)
+    tok_tmp = atomic_dir(Path(out).with_name(Path(out).name + "-tok"))
     try:
         has_tok = _copy_tokenizer_files(folder, tok_tmp)
-        return save_params(args.out, config, params, tok_tmp if has_tok else None)
+        return save_params(out, config, params, tok_tmp if has_tok else None)
     finally:
         shutil.rmtree(tok_tmp, ignore_errors=True)
+
+
+def _exits_arg(text):
+    return tuple(int(e) for e in text.split(",")) if text else None
+
+
+def from_hf_main(args) -> Path:
+    """`from-hf`: HF folder -> Orbax checkpoint + model config (+ tokenizer files)."""
+    return checkpoint_from_hf(args.hf, args.out, None if args.dtype == "auto" else args.dtype,
+                              _exits_arg(args.exits))
+
+
+def from_gguf_main(args) -> Path:
+    """`from-gguf`: GGUF -> HF folder (`--hf-out`) and/or Orbax checkpoint (`--out`)."""
+    import tempfile
+
+    if not (args.out or args.hf_out):
+        raise ConversionError("from-gguf needs --out CKPT and/or --hf-out DIR")
+    for p in (args.out, args.hf_out):
+        if p:
+            ensure_empty_output(Path(p))
+    if not args.out:
+        return hf_from_gguf(args.gguf, args.hf_out)
+    with tempfile.TemporaryDirectory(dir=Path(args.out).absolute().parent) as tmp:
+        hf_dir = Path(args.hf_out) if args.hf_out else Path(tmp) / "hf"
+        hf_from_gguf(args.gguf, hf_dir)
+        return checkpoint_from_hf(hf_dir, args.out, args.dtype, _exits_arg(args.exits))
 
 
 def to_hf_main(args) -> Path:
@@ -408,6 +495,12 @@ def main(argv=None) -> int:
     a.add_argument("--out", required=True)
     a.add_argument("--dtype", default="float32", choices=["auto", *DTYPES])
     a.add_argument("--exits", default=None, help="comma-separated exits to record, e.g. 8,12,16")
+    g = sub.add_parser("from-gguf", help="LLaMA GGUF (dequantised) -> checkpoint / HF folder")
+    g.add_argument("--gguf", required=True)
+    g.add_argument("--out", default=None, help="soft_jax checkpoint folder")
+    g.add_argument("--hf-out", default=None, help="plain HF LlamaForCausalLM folder")
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument("--exits", default=None, help="comma-separated exits to record")
     b = sub.add_parser("to-hf", help="Orbax checkpoint or training work dir -> HF folder")
     b.add_argument("--ckpt", required=True)
     b.add_argument("--out", required=True)
@@ -417,7 +510,8 @@ def main(argv=None) -> int:
                    help="write weights holding NaN / inf (refused by default)")
     args = p.parse_args(argv)
     try:
-        out = from_hf_main(args) if args.cmd == "from-hf" else to_hf_main(args)
+        out = {"from-hf": from_hf_main, "to-hf": to_hf_main,
+               "from-gguf": from_gguf_main}[args.cmd](args)
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError,
             CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -109,6 +109,68 @@ FORMATS: dict[str, Callable[[dict, int], Segments]] = {
     "alpaca": alpaca_segments, "gsm8k": gsm8k_segments, "triviaqa": triviaqa_segments,
     "chat": chat_segments, "sharegpt": chat_segments, "text": text_segments,
 }
+TEMPLATES = ("auto", "chat", "plain")
+_ROLES = {"User": "user", "Assistant": "assistant", "System": "system"}
+
+
+# ------------------------------------------------------------------------ chat templates
+def chat_messages(fmt: str, row: dict, idx: int) -> list[dict]:
+    """The row as chat messages ({role, content}); the assistant turns are the targets."""
+    if fmt == "gsm8k":
+        return [{"role": "user", "content": _field(row, "question", idx, fmt)},
+                {"role": "assistant", "content": _field(row, "answer", idx, fmt)}]
+    if fmt == "triviaqa":
+        return [{"role": "user", "content": _field(row, "question", idx, fmt)},
+                {"role": "assistant", "content": triviaqa_answer(row, idx)[0]}]
+    if fmt == "alpaca":
+        extra = row.get("input") or ""
+        user = _field(row, "instruction", idx, fmt) + (f"\n\n{extra}" if str(extra).strip()
+                                                        else "")
+        return [{"role": "user", "content": user},
+                {"role": "assistant", "content": _field(row, "output", idx, fmt)}]
+    if fmt in ("chat", "sharegpt"):
+        segs = chat_segments(row, idx)  # validates the turns
+        return [{"role": _ROLES[name.rstrip(": ")], "content": text[:-1]}
+                for (name, _), (text, _) in zip(segs[0::2], segs[1::2])]
+    raise DataError(f"data.format={fmt!r} has no prompt/response turns for a chat template; "
+                    "use data.template='plain'")
+
+
+def resolve_template(template: str, tokenizer, fmt: str = "") -> str:
+    """'chat' or 'plain': 'auto' is chat when the tokenizer has a chat template (and the
+    format has turns); 'chat' without a tokenizer template is an error."""
+    if template not in TEMPLATES:
+        raise ValueError(f"data.template={template!r}; expected one of {TEMPLATES}")
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if template == "chat" and not has:
+        raise ValueError("data.template='chat' but the tokenizer has no chat_template")
+    if template == "auto":
+        return "chat" if has and fmt != "text" else "plain"
+    return template
+
+
+def chat_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat-template text that asks the model for the next assistant turn."""
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def template_segments(tokenizer, messages: list[dict]) -> Segments:
+    """Segments of the rendered conversation: each assistant turn as rendered by the template
+    (content and end-of-turn marker) is a target, everything else (roles, system prompt,
+    user turns) is not."""
+    segs: Segments = []
+    done = ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix = chat_prompt(tokenizer, messages[:i])
+        full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise DataError("the tokenizer's chat template does not render conversations "
+                            "incrementally; use data.template='plain'")
+        segs += [(prefix[len(done):], False), (full[len(prefix):], True)]
+        done = full
+    return segs
 
 
 GSM8K_DEMO_TRAIN_ROWS = 1119  # of the 1319 packaged test problems; the last 200 are held out
@@ -215,12 +277,16 @@ class DataStats:
 
 
 def tokenize_rows(rows: Iterable[dict], fmt: str, tokenizer, max_len: int,
-                  on_bad_row: str = "error", stats: DataStats | None = None
-                  ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(tokens, target_mask) per row: BOS + segments + EOS, truncated to max_len + 1 tokens.
+                  on_bad_row: str = "error", stats: DataStats | None = None,
+                  template: str = "plain") -> list[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, target_mask) per row, truncated to max_len + 1 tokens: BOS + segments + EOS
+    (`template` 'plain'), or the tokenizer's chat template with the loss on the assistant
+    turns ('chat'; the template supplies its own special tokens). 'auto': see
+    `resolve_template`.
 
     target_mask[i] says token i is a training target (predicted from token i - 1).
     """
+    chat = resolve_template(template, tokenizer, fmt) == "chat"
     if fmt not in FORMATS:
         raise ValueError(f"data.format={fmt!r}; expected one of {sorted(FORMATS)}")
     if on_bad_row not in ("error", "skip"):
@@ -229,20 +295,21 @@ def tokenize_rows(rows: Iterable[dict], fmt: str, tokenizer, max_len: int,
     out = []
     for idx, row in enumerate(rows):
         try:
-            segments = FORMATS[fmt](row, idx)
+            segments = (template_segments(tokenizer, chat_messages(fmt, row, idx)) if chat
+                        else FORMATS[fmt](row, idx))
         except DataError as e:
             if on_bad_row == "error":
                 raise
             stats.skipped += 1
             stats.skipped_reasons.append(str(e))
             continue
-        ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        ids = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and not chat else []
         mask = [False] * len(ids)
         for text, is_target in segments:
             piece = tokenizer.encode(text, add_special_tokens=False)
             ids += piece
             mask += [is_target] * len(piece)
-        if tokenizer.eos_token_id is not None:
+        if tokenizer.eos_token_id is not None and not chat:
             ids.append(tokenizer.eos_token_id)
             mask.append(segments[-1][1])
         if len(ids) > max_len + 1:

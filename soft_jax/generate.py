@@ -192,6 +192,18 @@ def _load(args):
     return config, params, tokenizer
 
 
+def prompt_ids_for(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of a text prompt: the tokenizer's own encoding (BOS etc.), or with `chat`
+    the chat-template turn the fine-tuning data used (data.template='chat')."""
+    if not chat:
+        return tokenizer(text)["input_ids"]
+    from soft_jax.data import chat_prompt, resolve_template
+
+    resolve_template("chat", tokenizer)  # a clear error when there is no template
+    return tokenizer.encode(chat_prompt(tokenizer, [{"role": "user", "content": text}]),
+                            add_special_tokens=False)
+
+
 def _parse_thresholds(text: str | None):
     if text is None:
         return None
@@ -219,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--thresholds", default=None, help="dynamic: EXIT:PROB,... (default: paper's)")
     p.add_argument("--copy-kv", action="store_true", help="dynamic: CALM state copying")
     p.add_argument("--draft-tokens", type=int, default=None, help="fixed K (default adaptive)")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user turn in the tokenizer's chat template")
     p.add_argument("--exits", default=None, help="override the model's exits, e.g. 8,12,16")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -233,10 +247,12 @@ def main(argv=None) -> int:
 
     try:
         config, params, tokenizer = _load(args)
+        if args.chat and args.prompt is None:
+            raise ValueError("--chat formats a --prompt text; it does not apply to --prompt-ids")
         if args.prompt is not None:
             if tokenizer is None:
                 raise ValueError("no tokenizer files beside the weights; pass --prompt-ids")
-            ids = tokenizer(args.prompt)["input_ids"]
+            ids = prompt_ids_for(tokenizer, args.prompt, args.chat)
         else:
             ids = [int(t) for t in args.prompt_ids.split(",")]
         out = generate(config, params, ids, args.max_new_tokens, exit_layer=args.exit,

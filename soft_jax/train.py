@@ -70,8 +70,9 @@ def build_data(cfg, workdir: Path):
         if jax.process_index() != 0:  # every process tokenises with the very same files
             tokenizer = load_tokenizer(str(tok_dir))
     stats = data_lib.DataStats()
+    template = data_lib.resolve_template(cfg.data.template, tokenizer, cfg.data.format)
     examples = data_lib.tokenize_rows(rows, cfg.data.format, tokenizer, cfg.data.seq_len,
-                                      cfg.data.on_bad_row, stats)
+                                      cfg.data.on_bad_row, stats, template)
     check_targets(stats, cfg.data.seq_len)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     stream = data_lib.BatchStream(examples, cfg.data.seq_len, cfg.batch_size, cfg.seed,
@@ -81,7 +82,7 @@ def build_data(cfg, workdir: Path):
         eval_rows = data_lib.load_rows(cfg.data.eval_source, cfg.data.eval_split,
                                        cfg.data.subset or None)
         ev = data_lib.tokenize_rows(eval_rows, cfg.data.format, tokenizer, cfg.data.seq_len,
-                                    cfg.data.on_bad_row)
+                                    cfg.data.on_bad_row, template=template)
         es = data_lib.BatchStream(ev, cfg.data.seq_len, cfg.batch_size, 0, pack=cfg.data.pack,
                                   shuffle=False, pad_id=pad)
         n = min(cfg.eval_batches, max(1, es.rows_per_epoch // cfg.batch_size))
@@ -202,11 +203,16 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
 
 # ------------------------------------------------------------------------ optimizer/step
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warm-up + cosine decay, global-norm clipping, no decay on norms."""
+    """AdamW with linear warm-up + cosine decay, global-norm clipping, no decay on norms.
+
+    The schedule is read one step ahead, so step 0 already has lr / warmup_steps (a warm-up
+    from 0 would make the first update a no-op) and the last step ends at the minimum.
+    """
     o = cfg.optimizer
-    schedule = optax.warmup_cosine_decay_schedule(
+    ramp = optax.warmup_cosine_decay_schedule(
         0.0, o.lr, max(1, o.warmup_steps), max(o.warmup_steps + 1, cfg.total_steps),
         end_value=o.lr * o.min_lr_ratio)
+    schedule = lambda step: ramp(step + 1)  # noqa: E731
     decay_mask = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
         lambda path, _: not any("norm" in str(k) for k in path), p)
     tx = optax.chain(

@@ -56,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.format = "gsm8k"  # alpaca | gsm8k | triviaqa | chat | sharegpt | text
+    c.data.template = "auto"  # chat | plain | auto (= chat when the tokenizer has a template)
     c.data.source = "gsm8k_demo:train"  # local .json/.jsonl/.parquet, hub name, or gsm8k_demo:*
     c.data.subset = ""
     c.data.split = "train"
@@ -184,6 +185,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if int(cfg.mesh[name]) < 1 and int(cfg.mesh[name]) != -1:
             raise ValueError(f"config.mesh.{name}={cfg.mesh[name]}; expected a positive size "
                              "or -1 (the rest of the devices)")
+    if cfg.data.template not in ("auto", "chat", "plain"):
+        raise ValueError(f"config.data.template={cfg.data.template!r}; expected auto, chat or "
+                         "plain")
     if cfg.distributed.mode not in ("auto", "on", "off"):
         raise ValueError(f"config.distributed.mode={cfg.distributed.mode!r}; expected auto, on "
                          "or off")

@@ -48,3 +48,38 @@ def test_module_entry_point_runs(tmp_path):
     r = subprocess.run([sys.executable, "-m", "soft_jax.convert", "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "from-hf" in r.stdout
+
+
+def _tiny_gguf(path, arch):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_from_gguf_errors_are_clear(tmp_path, capsys, monkeypatch):
+    gpt2 = _tiny_gguf(tmp_path / "gpt2.gguf", "gpt2")
+    assert main(["from-gguf", "--gguf", str(gpt2), "--out", str(tmp_path / "c")]) == 2
+    assert "architecture 'gpt2'" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    assert main(["from-gguf", "--gguf", str(tmp_path / "nope.gguf"), "--hf-out",
+                 str(tmp_path / "h")]) == 2
+    assert "nope.gguf" in capsys.readouterr().err
+    assert main(["from-gguf", "--gguf", str(gpt2)]) == 2
+    assert "--out CKPT and/or --hf-out DIR" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    assert main(["from-gguf", "--gguf", str(gpt2), "--hf-out", str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "accelerate" else real(name, *a))
+    assert main(["from-gguf", "--gguf", str(gpt2), "--out", str(tmp_path / "c")]) == 2
+    assert "pip install accelerate" in capsys.readouterr().err

@@ -97,3 +97,51 @@ def test_local_files_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         D.load_rows(str(tmp_path / "missing.jsonl"))
     assert len(D.load_rows("gsm8k_demo:heldout")) == 200
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def chat_tok():
+    t = train_bpe([D.ALPACA_PROMPT, "<|im_start|> user assistant <|im_end|> 0123456789"] * 5, 300)
+    t.chat_template = CHATML
+    return t
+
+
+def test_chat_template_loss_on_the_assistant_turn_only(chat_tok):
+    row = {"question": "What is 2 plus 3?", "answer": "2 + 3 = 5\n#### 5"}
+    (ids, mask), = D.tokenize_rows([row], "gsm8k", chat_tok, 512, template="chat")
+    assert chat_tok.decode(ids[mask]) == "2 + 3 = 5\n#### 5<|im_end|>\n"
+    prompt = D.chat_prompt(chat_tok, [{"role": "user", "content": row["question"]}])
+    assert chat_tok.decode(ids[~mask]) == prompt  # no extra BOS / EOS around the template
+    n = len(chat_tok.encode(prompt, add_special_tokens=False))
+    assert not mask[:n].any() and mask[n:].all()
+    auto, = D.tokenize_rows([row], "gsm8k", chat_tok, 512, template="auto")
+    np.testing.assert_array_equal(auto[0], ids)
+
+
+def test_chat_template_multi_turn_and_alpaca(chat_tok):
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                        {"role": "user", "content": "and?"}, {"role": "assistant", "content": "4"}]}
+    (ids, mask), = D.tokenize_rows([row], "chat", chat_tok, 512, template="chat")
+    assert chat_tok.decode(ids[mask]) == "yo<|im_end|>\n4<|im_end|>\n"
+    alp = {"instruction": "Add", "input": "2 and 3", "output": "5"}
+    (ids, mask), = D.tokenize_rows([alp], "alpaca", chat_tok, 512, template="chat")
+    assert "user\nAdd\n\n2 and 3<|im_end|>" in chat_tok.decode(ids)
+
+
+def test_template_resolution(tok, chat_tok):
+    assert D.resolve_template("auto", tok, "gsm8k") == "plain"  # no chat template
+    assert D.resolve_template("auto", chat_tok, "gsm8k") == "chat"
+    assert D.resolve_template("auto", chat_tok, "text") == "plain"
+    assert D.resolve_template("plain", chat_tok, "gsm8k") == "plain"
+    with pytest.raises(ValueError, match="no chat_template"):
+        D.resolve_template("chat", tok, "gsm8k")
+    with pytest.raises(ValueError, match="data.template='nope'"):
+        D.resolve_template("nope", chat_tok, "gsm8k")
+    with pytest.raises(D.DataError, match="data.template='plain'"):
+        D.tokenize_rows([{"text": "abc"}], "text", chat_tok, 64, template="chat")
+    plain, = D.tokenize_rows([{"question": "q", "answer": "a"}], "gsm8k", chat_tok, 64)
+    assert plain[0][0] == chat_tok.bos_token_id  # the default stays plain

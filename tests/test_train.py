@@ -144,3 +144,16 @@ def test_cli_sigterm_then_resume_and_convert(tmp_path):
 
     assert convert_main(["to-hf", "--ckpt", str(wd), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_first_step_has_a_nonzero_learning_rate(tmp_path):
+    from soft_jax.train import make_optimizer
+
+    c = small_config(tmp_path, total_steps=10)
+    c.optimizer.warmup_steps = 4
+    _, schedule = make_optimizer(c)
+    lrs = [float(schedule(s)) for s in range(10)]
+    assert lrs[0] == pytest.approx(c.optimizer.lr / 4)
+    assert lrs[3] == pytest.approx(c.optimizer.lr)  # peak after warm-up
+    assert lrs[-1] == pytest.approx(c.optimizer.lr * c.optimizer.min_lr_ratio)
+    assert all(a <= b for a, b in zip(lrs[:4], lrs[1:4]))

@@ -27,6 +27,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 8
     c.seed = 0
     c.max_prompt_tokens = 2048  # longer prompts keep their last tokens
+    c.template = "auto"  # chat | plain | auto (= chat when the tokenizer has a chat template):
+    #                      prompts and loss data formatted as in training (data.template)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.source = "gsm8k_demo:heldout"  # anything data.load_rows reads
@@ -135,6 +137,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.pairwise.judge_decoding not in ("beam", "greedy"):
         raise ValueError(f"config.pairwise.judge_decoding={cfg.pairwise.judge_decoding!r}; "
                          "expected 'beam' (PandaLM's) or 'greedy'")
+    if cfg.template not in ("auto", "chat", "plain"):
+        raise ValueError(f"config.template={cfg.template!r}; expected auto, chat or plain")
     judge = cfg.pairwise.judge
     if judge not in ("rouge-l",) and not judge.startswith("hf:"):
         raise ValueError(f"config.pairwise.judge={judge!r}; expected 'rouge-l' or 'hf:FOLDER'")

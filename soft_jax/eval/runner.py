@@ -35,6 +35,7 @@ class Model:
     params: dict
     tokenizer: object
     source: str
+    chat: bool = False  # prompts use the tokenizer's chat template (config.template)
 
 
 def load_model(ckpt: str = "", hf: str = "", tokenizer: str = "", dtype: str = "float32",
@@ -115,10 +116,11 @@ def check_heads(model: Model, exits, field: str) -> None:
 
 
 # ------------------------------------------------------------------------------ generation
-def encode_prompt(tokenizer, text: str, max_tokens: int) -> list[int]:
-    """BOS + the prompt's tokens; prompts longer than max_tokens keep BOS and their end."""
+def encode_prompt(tokenizer, text: str, max_tokens: int, bos: bool = True) -> list[int]:
+    """BOS + the prompt's tokens; prompts longer than max_tokens keep BOS and their end.
+    `bos=False` for chat-template text, which carries its own special tokens."""
     ids = tokenizer.encode(text, add_special_tokens=False)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None and bos else []
     keep = max_tokens - len(bos)
     return bos + ids[-keep:] if len(ids) > keep else bos + ids
 
@@ -147,7 +149,7 @@ def generate_ids(model: Model, prompts: list[list[int]], exit_layer: int, max_ne
 def generate_texts(model: Model, prompts: list[str], exit_layer: int, max_new_tokens: int,
                    batch_size: int, max_prompt_tokens: int) -> list[str]:
     """Greedy continuations of text prompts (special tokens dropped)."""
-    ids = [encode_prompt(model.tokenizer, p, max_prompt_tokens) for p in prompts]
+    ids = [encode_prompt(model.tokenizer, p, max_prompt_tokens, not model.chat) for p in prompts]
     gen = generate_ids(model, ids, exit_layer, max_new_tokens, batch_size)
     return [model.tokenizer.decode(g, skip_special_tokens=True) for g in gen]
 
@@ -168,9 +170,9 @@ def _rows(section, what: str) -> list[dict]:
     return rows
 
 
-def instruction_items(rows: list[dict], fmt: str) -> list[dict]:
-    """Per row: prompt (the formatted model input), instruction / input (what a judge reads)
-    and reference (the data's first target text)."""
+def instruction_items(rows: list[dict], fmt: str, chat_tokenizer=None) -> list[dict]:
+    """Per row: prompt (the formatted model input: the chat template of `chat_tokenizer` when
+    given), instruction / input (what a judge reads) and reference (the first target text)."""
     if fmt not in data_lib.FORMATS:
         raise ValueError(f"format {fmt!r}; expected one of {sorted(data_lib.FORMATS)}")
     items = []
@@ -193,6 +195,10 @@ def instruction_items(rows: list[dict], fmt: str) -> list[dict]:
             instruction, inp = segs[1][0].strip(), ""
         else:
             instruction, inp = prompt, ""
+        if chat_tokenizer is not None:
+            msgs = data_lib.chat_messages(fmt, row, i)
+            first = next(k for k, m in enumerate(msgs) if m["role"] == "assistant")
+            prompt = data_lib.chat_prompt(chat_tokenizer, msgs[:first])
         items.append({"id": i, "prompt": prompt, "instruction": instruction, "input": inp,
                       "reference": reference})
     return items
@@ -218,7 +224,9 @@ def task_loss(cfg, model: Model, exits, out: Path, ctx: dict) -> dict:
     c = cfg.loss
     rows = _rows(c, "loss")
     stats = data_lib.DataStats()
-    examples = data_lib.tokenize_rows(rows, c.format, model.tokenizer, c.seq_len, "skip", stats)
+    template = "chat" if model.chat and c.format != "text" else "plain"
+    examples = data_lib.tokenize_rows(rows, c.format, model.tokenizer, c.seq_len, "skip", stats,
+                                      template)
     if not examples:
         raise ValueError(f"config.loss: no usable rows in {c.source!r} for format {c.format!r} "
                          f"({stats.skipped_reasons[:1]})")
@@ -249,9 +257,13 @@ def task_loss(cfg, model: Model, exits, out: Path, ctx: dict) -> dict:
             "per_exit": per_exit}
 
 
-def gsm8k_prompt(question: str, shots: list[dict]) -> str:
+def gsm8k_prompt(question: str, shots: list[dict], chat_tokenizer=None) -> str:
     """Zero-shot: the training prompt; k-shot: k worked examples (question + full solution
-    ending in '#### N') separated by blank lines, then the question."""
+    ending in '#### N') separated by blank lines, then the question. With `chat_tokenizer`:
+    its chat template, each worked example a user / assistant exchange."""
+    if chat_tokenizer is not None:
+        msgs = [m for s in shots for m in data_lib.chat_messages("gsm8k", s, 0)]
+        return data_lib.chat_prompt(chat_tokenizer, msgs + [{"role": "user", "content": question}])
     prefix = "".join(data_lib.GSM8K_PROMPT.format(question=s["question"]) + s["answer"].strip()
                      + "\n\n" for s in shots)
     return prefix + data_lib.GSM8K_PROMPT.format(question=question)
@@ -273,7 +285,8 @@ def task_gsm8k(cfg, model: Model, exits, out: Path, ctx: dict) -> dict:
             if len(shots) < k:
                 raise ValueError(f"config.gsm8k.few_shot_source={c.few_shot_source!r} has "
                                  f"{len(shots)} rows; {k}-shot needs {k}")
-        prompts = [gsm8k_prompt(r["question"], shots) for r in rows]
+        chat_tok = model.tokenizer if model.chat else None
+        prompts = [gsm8k_prompt(r["question"], shots, chat_tok) for r in rows]
         per_exit = {}
         for e in exits:
             t0 = time.perf_counter()
@@ -312,13 +325,18 @@ def task_triviaqa(cfg, model: Model, exits, out: Path, ctx: dict) -> dict:
     c = cfg.triviaqa
     rows = _rows(c, "triviaqa")
     aliases = [data_lib.triviaqa_answer(r, i)[1] for i, r in enumerate(rows)]
-    prefix = ""
+    prefix, shot_rows = "", []
     if c.shots:
         shot_rows = data_lib.load_rows(c.few_shot_source)[:c.shots]
         prefix = "".join(data_lib.TRIVIAQA_PROMPT.format(question=r["question"]) + " "
                          + data_lib.triviaqa_answer(r, i)[0] + "\n\n"
                          for i, r in enumerate(shot_rows))
     prompts = [prefix + data_lib.TRIVIAQA_PROMPT.format(question=r["question"]) for r in rows]
+    if model.chat:
+        shot_msgs = [m for i, r in enumerate(shot_rows)
+                     for m in data_lib.chat_messages("triviaqa", r, i)]
+        prompts = [data_lib.chat_prompt(model.tokenizer, shot_msgs + [
+            {"role": "user", "content": r["question"]}]) for r in rows]
     per_exit, preds_out = {}, []
     for e in exits:
         outs = generate_texts(model, prompts, e, c.max_new_tokens, cfg.batch_size,
@@ -361,7 +379,8 @@ def _generations(cfg, model: Model, exits, items, out: Path, filename: str) -> d
 
 def _items(cfg, ctx) -> list[dict]:
     if "items" not in ctx:
-        ctx["items"] = instruction_items(_rows(cfg.generate, "generate"), cfg.generate.format)
+        ctx["items"] = instruction_items(_rows(cfg.generate, "generate"), cfg.generate.format,
+                                         ctx.get("chat_tokenizer"))
     return ctx["items"]
 
 
@@ -432,14 +451,16 @@ def task_pairwise(cfg, model: Model, exits, out: Path, ctx: dict) -> dict:
 
 def _sortedness_seqs(cfg, model: Model) -> list[tuple[list[int], int]]:
     c = cfg.sortedness
-    items = instruction_items(_rows(c, "sortedness"), c.format)
-    prompts = [encode_prompt(model.tokenizer, it["prompt"], cfg.max_prompt_tokens)
+    items = instruction_items(_rows(c, "sortedness"), c.format,
+                              model.tokenizer if model.chat else None)
+    prompts = [encode_prompt(model.tokenizer, it["prompt"], cfg.max_prompt_tokens, not model.chat)
                for it in items]
     if c.response == "generated":
         responses = generate_ids(model, prompts, model.config.num_layers, c.positions,
                                  cfg.batch_size)
     else:
         responses = [model.tokenizer.encode(" " + it["reference"] if c.format == "triviaqa"
+                                            and not model.chat
                                             else it["reference"] or "",
                                             add_special_tokens=False)[:c.positions]
                      for it in items]
@@ -507,12 +528,14 @@ def run_eval(cfg) -> dict:
     tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
     t0 = time.perf_counter()
     model = load_model(cfg.ckpt, cfg.hf, cfg.tokenizer, cfg.dtype, cfg.name, "config")
+    model.chat = data_lib.resolve_template(cfg.template, model.tokenizer, "gsm8k") == "chat"
     exits = resolve_exits(model.config, cfg.exits, "config.exits")
     check_heads(model, exits, "config.exits")
-    ctx: dict = {}
+    ctx: dict = {"chat_tokenizer": model.tokenizer if model.chat else None}
     if (cfg.second.ckpt or cfg.second.hf) and {"pairwise", "sortedness"} & set(tasks):
         second = load_model(cfg.second.ckpt, cfg.second.hf, cfg.second.tokenizer, cfg.dtype,
                             cfg.second.name, "config.second")
+        second.chat = model.chat
         ctx["second"] = second
         if cfg.second.exits:
             ctx["second_exits"] = resolve_exits(second.config, cfg.second.exits,
