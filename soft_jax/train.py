@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +29,7 @@ from soft_jax.checkpoint import (MODEL_CONFIG, TOKENIZER_DIR, NonFiniteParamsErr
 from soft_jax.config import LlamaConfig, pair_exit_weights, preset
 from soft_jax.convert import is_hf_folder, load_hf
 from soft_jax.metrics import per_exit_metrics
+from soft_jax.run_log import RunWriter, Throughput, format_metrics, log
 from soft_jax.model import init_params
 from soft_jax.tokenizer import load_tokenizer
 from soft_jax.train_config import (exit_heads_for, resume_changes, train_exits,
@@ -43,12 +43,6 @@ TRUNCATION_WARN = 0.1  # warn when more than this share of the rows is truncated
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient norm or params: the run stops without saving that state."""
-
-
-def log(msg: str) -> None:
-    """Progress line from process 0 only."""
-    if distributed.is_primary():
-        print(msg, flush=True)
 
 
 # ------------------------------------------------------------------------ data
@@ -242,84 +236,6 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return tx, schedule
 
 
-# ------------------------------------------------------------------------ output
-class RunWriter:
-    """The one writer of a run's shared files and progress lines: process 0 writes config
-    files, metrics.jsonl, eval.jsonl and TensorBoard; on other processes every call is a no-op."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.primary = distributed.is_primary()
-        self._tb = None
-
-    def write_text(self, name: str, text: str) -> None:
-        """Write `workdir / name` (replacing it)."""
-        if self.primary:
-            (self.workdir / name).write_text(text)
-
-    def _record(self, file: str, record: dict, scalars: dict, step: int) -> None:
-        if not self.primary:
-            return
-        with open(self.workdir / file, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self._tb is None:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(self.workdir / "tb"))
-        for k, v in scalars.items():
-            self._tb.add_scalar(k, v, step)
-        self._tb.flush()
-
-    def metrics(self, step: int, metrics: dict) -> None:
-        """One logged training step: a metrics.jsonl line and `train/*` scalars."""
-        m = {k: float(v) for k, v in metrics.items()}
-        self._record("metrics.jsonl", m, {f"train/{k}": v for k, v in m.items()}, step)
-
-    def eval(self, step: int, results: dict) -> None:
-        """Held-out per-exit results: a log line, an eval.jsonl line and `eval/*` scalars."""
-        log("eval " + " ".join(f"{e}: loss {r['loss']:.3f} acc {r['accuracy']:.3f}"
-                               for e, r in results.items()))
-        scalars = {}
-        for e, r in results.items():
-            scalars.update({f"eval/loss_exit_{e}": r["loss"],
-                            f"eval/accuracy_exit_{e}": r["accuracy"]})
-        self._record("eval.jsonl", {"step": step, **{str(e): r for e, r in results.items()}},
-                     scalars, step)
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-class Throughput:
-    """Tokens/s between logged steps and the history of logged metrics."""
-
-    def __init__(self, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.history: list[dict] = []
-        self._t, self._steps = time.perf_counter(), 0
-
-    def tick(self) -> None:
-        """One more step done."""
-        self._steps += 1
-
-    def record(self, step: int, metrics, epoch: float) -> dict:
-        """The step's metrics as floats with step, tokens_per_s and epoch; kept in history."""
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-        now = time.perf_counter()
-        m.update(step=step, tokens_per_s=self._steps * self.tokens_per_step / (now - self._t),
-                 epoch=epoch)
-        self._t, self._steps = now, 0
-        self.history.append(m)
-        return m
-
-
-def _format_metrics(step, total, m, exits) -> str:
-    per_exit = " ".join(f"{e}:{m[f'loss/exit_{e}']:.3f}" for e in exits if f"loss/exit_{e}" in m)
-    return (f"step {step}/{total} | loss {m['loss']:.4f} | exits {per_exit} | lr {m['lr']:.2e}"
-            f" | gnorm {m['grad_norm']:.2f} | {m['tokens_per_s']:,.0f} tok/s")
-
-
 # ------------------------------------------------------------------------ setup
 @dataclasses.dataclass
 class Run:
@@ -367,7 +283,7 @@ class Run:
         self.writer.close()
 
 
-def build_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
+def run_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
     """The run's device mesh and sharding rules; checks the batch splits over data x fsdp."""
     mesh = shd.build_mesh(cfg.mesh)
     rules = shd.make_rules(cfg.mesh.rules)
@@ -418,7 +334,7 @@ def setup(cfg) -> Run:
     work dir's latest checkpoint) and record the run's configs."""
     validate(cfg)
     distributed.initialize(cfg.distributed)  # before anything touches a jax backend
-    mesh, rules = build_mesh(cfg)
+    mesh, rules = run_mesh(cfg)
     workdir = Path(cfg.workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     writer = RunWriter(workdir)
@@ -495,7 +411,7 @@ def run_loop(run: Run, on_step=None) -> dict:
                 stop.signum = _agree_on_signal(stop.signum)
             if step % cfg.log_every == 0 or step == cfg.total_steps or stop.signum:
                 m = throughput.record(step, metrics, run.stream.epochs_at(step))
-                log(_format_metrics(step, cfg.total_steps, m, exits))
+                log(format_metrics(step, cfg.total_steps, m, exits))
                 run.writer.metrics(step, m)
             if cfg.eval_every and step % cfg.eval_every == 0 and run.eval_batches:
                 run.evaluate(step)
