@@ -465,12 +465,13 @@ def _fail(msg: str, code: int) -> None:
     raise SystemExit(code)
 
 
-def define_flags() -> flags.FlagValues:
-    """A fresh flag set: `--config FILE` with `--config.field=value` overrides, `--debug`,
-    `--verbosity`."""
+def define_flags(argv: Sequence[str]) -> flags.FlagValues:
+    """A fresh flag set for `argv` (without the program name): `--config FILE` with the
+    `--config.field=value` overrides `argv` names, `--debug`, `--verbosity`."""
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
-                                    flag_values=values, lock_config=True)
+                                    flag_values=values, lock_config=True,
+                                    sys_argv=["soft_jax.train", *argv])
     flags.DEFINE_bool("debug", False, "full tracebacks instead of one-line errors",
                       flag_values=values)
     flags.DEFINE_string("verbosity", "warning", "absl log level (debug, info, warning, error "
@@ -519,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     from soft_jax.checkpoint import CheckpointError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    values = define_flags()
+    values = define_flags(argv)
     if "-h" in argv or "--help" in argv:
         print(f"{__doc__}\n{values}")
         raise SystemExit(0)

@@ -249,6 +249,21 @@ def test_train_cli_one_line_errors():
     assert "Traceback" not in p.stderr
 
 
+def test_train_main_is_callable_from_python(tmp_path, capsys):
+    from soft_jax.train import main
+
+    args = ["--config", str(ROOT / "configs/tiny.py"), f"--config.workdir={tmp_path / 'm'}",
+            "--config.total_steps=2", "--config.log_every=1", "--config.batch_size=2",
+            "--config.data.max_rows=8", "--config.data.seq_len=192",
+            "--config.data.tokenizer=bpe:300", "--config.data.eval_source="]
+    r = main(args)
+    assert r["status"] == "done" and r["step"] == 2 and "step 2/2" in capsys.readouterr().out
+    for bad in (["--config.optimzer.lr=1"], ["--config.total_steps=x"], ["stray"]):
+        with pytest.raises(SystemExit) as e:  # a second parse in the same process
+            main(args + bad)
+        assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
 # ------------------------------------------------------------------ item 6: packaging
 def test_pyproject_declares_the_imported_dependencies_and_tarball_excludes_outputs():
     import tomllib
