@@ -6,16 +6,20 @@ SFT model) and SortedNet (one random exit per step).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import signal
-import time
+import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
+from ml_collections import config_flags
 
 from soft_jax import data as data_lib
 from soft_jax import distributed
@@ -24,12 +28,14 @@ from soft_jax.checkpoint import (MODEL_CONFIG, TOKENIZER_DIR, NonFiniteParamsErr
                                  TrainCheckpoints, load_params)
 from soft_jax.config import LlamaConfig, pair_exit_weights, preset
 from soft_jax.convert import is_hf_folder, load_hf
-from soft_jax.loss import loss_fn
 from soft_jax.metrics import per_exit_metrics
+from soft_jax.run_log import RunWriter, Throughput, format_metrics, log
 from soft_jax.model import init_params
 from soft_jax.tokenizer import load_tokenizer
 from soft_jax.train_config import (exit_heads_for, resume_changes, train_exits,
                                    trainable_keys, validate)
+from soft_jax.train_state import (Partitioning, StepSettings, TrainState, abstract_state,
+                                  make_partitioning, make_train_step, sharded_target)
 
 TRAIN_CONFIG = "train_config.json"
 TRUNCATION_WARN = 0.1  # warn when more than this share of the rows is truncated
@@ -37,12 +43,6 @@ TRUNCATION_WARN = 0.1  # warn when more than this share of the rows is truncated
 
 class TrainingDiverged(RuntimeError):
     """A non-finite loss, gradient norm or params: the run stops without saving that state."""
-
-
-def log(msg: str) -> None:
-    """Progress line from process 0 only."""
-    if jax.process_index() == 0:
-        print(msg, flush=True)
 
 
 # ------------------------------------------------------------------------ data
@@ -61,13 +61,13 @@ def build_data(cfg, workdir: Path):
         if not spec:
             raise ValueError("config.data.tokenizer is empty and config.model.init_from has no "
                              "tokenizer to fall back on")
-        if jax.process_index() == 0:
+        if distributed.is_primary():
             texts = (t for i, r in enumerate(rows)
                      for t, _ in _safe_segments(cfg.data.format, r, i))
             tokenizer = load_tokenizer(spec, texts)
             tokenizer.save_pretrained(tok_dir)
         distributed.barrier("soft_jax:tokenizer-saved")
-        if jax.process_index() != 0:  # every process tokenises with the very same files
+        if not distributed.is_primary():  # every process tokenises with the very same files
             tokenizer = load_tokenizer(str(tok_dir))
     stats = data_lib.DataStats()
     template = data_lib.resolve_template(cfg.data.template, tokenizer, cfg.data.format)
@@ -116,12 +116,12 @@ def check_sources(cfg) -> None:
                                     "is not a hub name")
 
 
-def check_resume(cfg, workdir: Path, step: int) -> None:
+def check_resume(cfg, workdir: Path, step: int) -> bool:
     """Stop when resuming `workdir` with a config that changes what is trained; log a grown
-    total_steps and record the config the run continues with."""
+    total_steps. True when the run continues (its config is then to be recorded)."""
     saved_path = workdir / TRAIN_CONFIG
     if not saved_path.is_file():
-        return
+        return False
     saved = json.loads(saved_path.read_text())
     changed = resume_changes(saved, json.loads(cfg.to_json_best_effort()))
     if changed:
@@ -135,8 +135,7 @@ def check_resume(cfg, workdir: Path, step: int) -> None:
     if step >= cfg.total_steps:
         log(f"work dir {str(workdir)!r} is already at step {step} >= total_steps="
             f"{cfg.total_steps}: nothing to train (raise --config.total_steps to continue)")
-    elif jax.process_index() == 0:
-        saved_path.write_text(cfg.to_json_best_effort(indent=2))
+    return step < cfg.total_steps
 
 
 def check_finite(step: int, metrics) -> None:
@@ -157,40 +156,61 @@ def _safe_segments(fmt, row, idx):
 
 
 # ------------------------------------------------------------------------ model
+def preset_config(cfg, vocab_size: int, **fields) -> LlamaConfig:
+    """The random-init model `cfg.model.preset` with `cfg.model.overrides` (vocab_size 0: the
+    tokenizer's); the preset's own exits deeper than an overridden num_layers are dropped
+    (`build_model` then applies the run's config.exits)."""
+    overrides = {k: v for k, v in cfg.model.overrides.items() if v or k != "vocab_size"}
+    overrides.setdefault("vocab_size", vocab_size)
+    base = preset(cfg.model.preset)
+    if "exits" not in overrides and base.exits is not None:
+        depth = int(overrides.get("num_layers", base.num_layers))
+        overrides["exits"] = tuple(e for e in base.exits if e <= depth)
+    return preset(cfg.model.preset, **overrides, **fields)
+
+
+def random_params(config: LlamaConfig, seed: int, mesh=None, rules=shd.RULES) -> dict:
+    """`init_params` compiled as one program; with a `mesh`, straight into the shards of the
+    logical-axis rules (a 13B model never sits whole on one device)."""
+    init = lambda key: init_params(config, key)  # noqa: E731
+    key = jax.random.PRNGKey(seed)
+    if mesh is None:
+        return jax.jit(init)(key)
+    shardings = shd.tree_shardings(jax.eval_shape(init, key), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(key)
+
+
 def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[LlamaConfig, dict]:
     """Model config and initial params: random from a preset, a HF model, or a checkpoint.
 
     With a `mesh`, the params come back sharded by the logical-axis rules: random init runs
-    under jit straight into its shards (a 13B model never sits whole on one device),
-    checkpoints restore shard by shard, and HF weights are cut into shards on the host.
+    under jit straight into its shards, checkpoints restore shard by shard, and HF weights are
+    cut into shards on the host.
     """
     model_fields = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
                         remat_policy=cfg.model.remat_policy)
     src = cfg.model.init_from
+    params = None
     if not src:
-        overrides = {k: v for k, v in cfg.model.overrides.items() if v or k != "vocab_size"}
-        overrides.setdefault("vocab_size", vocab_size)
-        config = preset(cfg.model.preset, **overrides, **model_fields)
-        params = None
+        config = preset_config(cfg, vocab_size, **model_fields)
     elif is_hf_folder(src) or not Path(src).exists():  # a HF folder or hub name
         config, params = load_hf(src, dtype=cfg.model.param_dtype)
     else:  # a soft_jax checkpoint, restored shard by shard in the run's param dtype
         config, params = load_params(src, mesh=mesh, rules=rules, dtype=cfg.model.param_dtype)
-    exits, weights = pair_exit_weights(tuple(cfg.exits) or config.exits,
-                                       tuple(cfg.exit_weights) or None, config.num_layers,
-                                       "config.exits", "config.exit_weights")
+    try:
+        exits, weights = pair_exit_weights(tuple(cfg.exits) or config.exits,
+                                           tuple(cfg.exit_weights) or None, config.num_layers,
+                                           "config.exits", "config.exit_weights")
+    except ValueError as e:
+        raise ValueError(f"{e} (config.exits={tuple(cfg.exits)} on a model of "
+                         f"{config.num_layers} layers)") from None
     config = config.replace(exits=exits, exit_weights=weights, **model_fields,
                             num_exit_heads=exit_heads_for(cfg.mode, exits))
     if vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size} (config.model / config.data.tokenizer)")
-    if params is None and mesh is not None and mesh.size > 1:
-        init = lambda key: init_params(config, key)  # noqa: E731
-        key = jax.random.PRNGKey(cfg.seed)
-        shardings = shd.tree_shardings(jax.eval_shape(init, key), mesh, rules)
-        params = jax.jit(init, out_shardings=shardings)(key)
-    elif params is None:
-        params = init_params(config, jax.random.PRNGKey(cfg.seed))
+    if params is None:
+        params = random_params(config, cfg.seed, mesh, rules)
     if cfg.mode == "ict" and "exit_heads" not in params:
         from soft_jax.model import head_kernel
 
@@ -222,103 +242,133 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return tx, schedule
 
 
-class Partitioning(NamedTuple):
-    """How a run is laid out on its mesh: state and batch shardings, activation rules."""
+# ------------------------------------------------------------------------ setup
+@dataclasses.dataclass
+class Run:
+    """A run ready to step: what `setup` built and `run_loop` advances, saves and evaluates."""
 
-    mesh: jax.sharding.Mesh
-    rules: tuple
-    state: dict  # {'step', 'params', 'opt_state'} -> NamedSharding trees
-    batch: jax.sharding.NamedSharding  # every [batch, seq] input
+    cfg: Any
+    workdir: Path
+    writer: RunWriter
+    ckpts: TrainCheckpoints
+    config: LlamaConfig
+    part: Partitioning
+    state: TrainState
+    step_fn: Callable
+    stream: data_lib.BatchStream
+    eval_batches: list
+    stats: data_lib.DataStats
+    batch_rows: list  # this process's [lo, hi) rows of every global batch
+    start_step: int  # the step the run starts (or resumes) at
 
-    @property
-    def replicated(self):
-        return shd.replicated(self.mesh)
+    def save(self, step: int, metrics, force: bool = False) -> None:
+        """Checkpoint the state after `step` steps (once this step's loss and gradient norm
+        are known to be finite)."""
+        check_finite(step, metrics)
+        meta = {"step": step, "seed": self.cfg.seed, "data_position": self.stream.position(step),
+                "model": self.config.to_dict(), "mode": self.cfg.mode}
+        try:
+            self.ckpts.save(step, self.state.params, self.state.opt_state, meta, force=force)
+        except NonFiniteParamsError as e:
+            raise TrainingDiverged(str(e)) from None
+
+    def evaluate(self, step: int) -> dict:
+        """Per-exit held-out metrics of the current params, logged and written."""
+        results = per_exit_metrics(self.config, self.state.params, self.eval_batches)
+        self.writer.eval(step, results)
+        return results
+
+    def summary(self, status: str, step: int, history: list, **extra) -> dict:
+        """What `train` returns."""
+        return {"status": status, "step": step, "workdir": str(self.workdir),
+                "history": history, **extra, "mesh": shd.describe(self.part.mesh),
+                "batch_rows": self.batch_rows}
+
+    def close(self) -> None:
+        self.ckpts.close()
+        self.writer.close()
 
 
-def abstract_state(config: LlamaConfig, tx, keys: tuple[str, ...], params=None) -> dict:
-    """ShapeDtypeStructs of the train state (no device memory touched)."""
-    if params is None:
-        params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
-    opt = jax.eval_shape(tx.init, {k: params[k] for k in keys})
-    return {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params, "opt_state": opt}
+def run_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
+    """The run's device mesh and sharding rules; checks the batch splits over data x fsdp."""
+    mesh = shd.build_mesh(cfg.mesh)
+    rules = shd.make_rules(cfg.mesh.rules)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % dp:
+        raise ValueError(f"config.batch_size={cfg.batch_size} must be divisible by mesh "
+                         f"data x fsdp = {dp} ({shd.describe(mesh)})")
+    if (cfg.batch_size // cfg.grad_accum) % dp:
+        log(f"warning: micro-batches of {cfg.batch_size // cfg.grad_accum} rows do not split "
+            f"over data x fsdp = {dp}: each is replicated (every device computes every row); "
+            "lower grad_accum or raise batch_size")
+    return mesh, rules
 
 
-def make_partitioning(mesh, rules, state_abstract: dict, batch_size: int,
-                      seq_len: int) -> Partitioning:
-    """Shardings from the logical-axis rules: params and optimizer moments alike (FSDP over
-    `fsdp`, tensor parallel over `tensor`, replicated over `data`), scalars replicated."""
-    state = {"step": shd.replicated(mesh),
-             "params": shd.tree_shardings(state_abstract["params"], mesh, rules),
-             "opt_state": shd.tree_shardings(state_abstract["opt_state"], mesh, rules)}
-    return Partitioning(mesh, tuple(rules), state,
-                        shd.batch_sharding(mesh, batch_size, seq_len, rules))
+def initial_state(cfg, writer: RunWriter, ckpts: TrainCheckpoints, resume_step: int | None,
+                  vocab_size: int, mesh, rules):
+    """(model config, train state, step function, partitioning, start step) of a fresh
+    model, or of the latest checkpoint restored straight into this mesh's shards (whatever
+    mesh wrote it)."""
+    if resume_step is not None:
+        config = LlamaConfig.from_dict(json.loads((writer.workdir / MODEL_CONFIG).read_text()))
+        params = None
+    else:
+        config, params = build_model(cfg, vocab_size, mesh, rules)
+        writer.write_text(MODEL_CONFIG, json.dumps(config.to_dict(), indent=2))
+        writer.write_text(TRAIN_CONFIG, cfg.to_json_best_effort(indent=2))
+    tx, schedule = make_optimizer(cfg)
+    params_abstract = params if params is not None else jax.eval_shape(
+        lambda: init_params(config, jax.random.PRNGKey(0)))
+    keys = trainable_keys(params_abstract, cfg.mode)
+    abstract = abstract_state(config, tx, keys, params_abstract)
+    part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len)
+    if resume_step is not None:
+        target = sharded_target(abstract, part)
+        resume_step, params, opt_state, meta = ckpts.restore_latest(target.params,
+                                                                    target.opt_state)
+        log(f"resumed from step {resume_step} ({meta.get('data_position')})")
+    else:
+        opt_state = jax.jit(tx.init, out_shardings=part.state.opt_state)(
+            {k: params[k] for k in keys})
+    step = jax.device_put(jnp.asarray(resume_step or 0, jnp.int32), part.state.step)
+    step_fn = make_train_step(config, StepSettings.from_config(cfg), tx, schedule, keys, part)
+    return config, TrainState(step, params, opt_state), step_fn, part, int(resume_step or 0)
 
 
-def make_train_step(config: LlamaConfig, cfg, tx, schedule, keys: tuple[str, ...],
-                    partitioning: Partitioning | None = None):
-    """The jitted step(state, batch) -> (state, metrics); state is donated.
-
-    With `partitioning`, the step is jitted with its state / batch in- and out-shardings and
-    traced under the activation rules (the residual stream is pinned to batch x data/fsdp);
-    without, it is a plain single-device jit.
-    """
-    exits = train_exits(config, cfg.mode)
-    accum = int(cfg.grad_accum)
-    mesh = partitioning.mesh if partitioning is not None else None
-    rules = partitioning.rules if partitioning is not None else shd.RULES
-
-    def loss_of(trainable, frozen, batch, rng):
-        weights = None
-        if cfg.mode == "sortednet":  # one sub-model per step, drawn uniformly
-            idx = jax.random.randint(rng, (), 0, len(exits))
-            weights = jax.nn.one_hot(idx, len(exits))
-        loss, metrics = loss_fn(config, {**frozen, **trainable}, batch, exits,
-                                z_loss=cfg.loss.z_loss, impl=cfg.loss.impl,
-                                chunk_tokens=cfg.loss.chunk_tokens or None, weights=weights)
-        if weights is not None:
-            metrics = {**metrics, "sampled_exit": jnp.asarray(exits)[idx]}
-        return loss, metrics
-
-    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-
-    def step(state, batch):
-        params = state["params"]
-        trainable = {k: params[k] for k in keys}
-        frozen = {k: v for k, v in params.items() if k not in keys}
-        rng = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), state["step"])
-        if accum == 1:
-            (_, metrics), grads = grad_fn(trainable, frozen, batch, rng)
-        else:
-            micro = jax.tree.map(lambda x: shd.constrain(
-                x.reshape((accum, -1) + x.shape[1:]), (None,) + shd.BATCH_AXES), batch)
-
-            def one(acc, mb):
-                (_, m), g = grad_fn(trainable, frozen, mb, rng)
-                return jax.tree.map(jnp.add, acc, (g, m)), None
-
-            zeros = jax.eval_shape(lambda: grad_fn(trainable, frozen,
-                                                   jax.tree.map(lambda x: x[0], micro), rng))
-            init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
-            (grads, metrics), _ = jax.lax.scan(one, init, micro)
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            metrics = jax.tree.map(lambda m: m / accum, metrics)
-        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"])}
-        return {"step": state["step"] + 1, "params": {**frozen, **trainable},
-                "opt_state": opt_state}, metrics
-
-    if partitioning is None:
-        return jax.jit(step, donate_argnums=0)
-
-    def sharded_step(state, batch):
-        with shd.activation_rules(mesh, rules):
-            return step(state, batch)
-
-    return jax.jit(sharded_step, donate_argnums=0,
-                   in_shardings=(partitioning.state, partitioning.batch),
-                   out_shardings=(partitioning.state, partitioning.replicated))
+def setup(cfg) -> Run:
+    """Validate `cfg`, start the runtime, build data, model, state and step (or resume the
+    work dir's latest checkpoint) and record the run's configs."""
+    validate(cfg)
+    distributed.initialize(cfg.distributed)  # before anything touches a jax backend
+    mesh, rules = run_mesh(cfg)
+    workdir = Path(cfg.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = RunWriter(workdir)
+    ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
+                             cfg.async_checkpointing)
+    resume_step = ckpts.latest_step()
+    try:  # the checks come before any data or model work
+        check_sources(cfg)
+        if resume_step is not None and check_resume(cfg, workdir, resume_step):
+            writer.write_text(TRAIN_CONFIG, cfg.to_json_best_effort(indent=2))
+        tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
+        log(f"data: {stats.rows} rows, {stats.skipped} skipped, {stats.truncated} truncated to "
+            f"{cfg.data.seq_len} tokens ({stats.no_targets} of them left with no target), "
+            f"{stats.target_tokens} target tokens, {stream.rows_per_epoch} rows/epoch "
+            f"({'packed' if cfg.data.pack else 'padded'})")
+        config, state, step_fn, part, start = initial_state(cfg, writer, ckpts, resume_step,
+                                                     len(tokenizer), mesh, rules)
+    except BaseException:
+        ckpts.close()
+        raise
+    rows = shd.process_rows(part.batch, cfg.batch_size)
+    log(f"mesh {shd.describe(mesh)} over {jax.device_count()} devices in "
+        f"{jax.process_count()} process(es); process 0 feeds batch rows {rows}")
+    if jax.process_count() > 1 and eval_batches:  # global (replicated) arrays for eval
+        eval_batches = [shd.place(b, jax.tree.map(lambda _: part.replicated, b))
+                        for b in eval_batches]
+    return Run(cfg, workdir, writer, ckpts, config, part, state, step_fn, stream,
+               eval_batches, stats, rows, start)
 
 
 # ------------------------------------------------------------------------ loop
@@ -337,10 +387,58 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def _format_metrics(step, total, m, tok_s, exits) -> str:
-    per_exit = " ".join(f"{e}:{m[f'loss/exit_{e}']:.3f}" for e in exits if f"loss/exit_{e}" in m)
-    return (f"step {step}/{total} | loss {m['loss']:.4f} | exits {per_exit} | lr {m['lr']:.2e}"
-            f" | gnorm {m['grad_norm']:.2f} | {tok_s:,.0f} tok/s")
+def global_batch(run: Run, k: int) -> dict:
+    """Global batch k of the run's stream, as this process's rows of one jax.Array each."""
+    full = run.stream.batch(k)  # host numpy; every process already packs the whole epoch
+    return shd.global_batch(lambda lo, hi: {key: v[lo:hi] for key, v in full.items()},
+                            run.part.batch, run.cfg.batch_size)
+
+
+def run_loop(run: Run, on_step=None) -> dict:
+    """Step `run` to config.total_steps (or a signal), logging, evaluating and
+    checkpointing on the config's intervals; closes the run and returns its summary."""
+    cfg = run.cfg
+    exits = train_exits(run.config, cfg.mode)
+    step = run.start_step
+    stop = _StopFlag()
+    throughput = Throughput(cfg.batch_size * cfg.data.seq_len)
+    pending = None  # (step, metrics) not yet checked for NaN / inf
+    try:
+        while step < cfg.total_steps:
+            run.state, metrics = run.step_fn(run.state, global_batch(run, step))
+            if pending is not None:  # one step behind: the host never waits on the device
+                check_finite(*pending)
+            step += 1
+            pending = (step, metrics)
+            throughput.tick()
+            if on_step is not None:
+                on_step(step)
+            if jax.process_count() > 1:  # a signal on any host stops every host at this step
+                stop.signum = _agree_on_signal(stop.signum)
+            if step % cfg.log_every == 0 or step == cfg.total_steps or stop.signum:
+                m = throughput.record(step, metrics, run.stream.epochs_at(step))
+                log(format_metrics(step, cfg.total_steps, m, exits))
+                run.writer.metrics(step, m)
+            if cfg.eval_every and step % cfg.eval_every == 0 and run.eval_batches:
+                run.evaluate(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                run.save(step, metrics)
+            if stop.signum:
+                if step % cfg.checkpoint_every and step != cfg.total_steps:
+                    run.save(step, metrics, force=True)
+                run.ckpts.wait()
+                log(f"signal {stop.signum}: checkpointed step {step}; rerun the same command "
+                    "to resume")
+                return run.summary("interrupted", step, throughput.history)
+        if pending is not None:
+            check_finite(*pending)
+        run.ckpts.wait()
+        results = run.evaluate(step) if run.eval_batches else {}
+    finally:
+        stop.restore()
+        run.close()
+    return run.summary("done", step, throughput.history, eval=results, config=run.config,
+                       params=run.state.params, data_stats=run.stats)
 
 
 def train(cfg, on_step=None) -> dict:
@@ -352,146 +450,7 @@ def train(cfg, on_step=None) -> dict:
     the runtime is found); each builds only its own rows of every global batch, all of them
     write and read the checkpoints, process 0 alone logs and writes the metrics files.
     """
-    validate(cfg)
-    distributed.initialize(cfg.distributed)  # before anything touches a jax backend
-    mesh = shd.build_mesh(cfg.mesh)
-    rules = shd.make_rules(cfg.mesh.rules)
-    dp = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.batch_size % dp:
-        raise ValueError(f"config.batch_size={cfg.batch_size} must be divisible by mesh "
-                         f"data x fsdp = {dp} ({shd.describe(mesh)})")
-    if (cfg.batch_size // cfg.grad_accum) % dp:
-        log(f"warning: micro-batches of {cfg.batch_size // cfg.grad_accum} rows do not split "
-            f"over data x fsdp = {dp}: each is replicated (every device computes every row); "
-            "lower grad_accum or raise batch_size")
-    workdir = Path(cfg.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
-                             cfg.async_checkpointing)
-    resume_step = ckpts.latest_step()
-    try:  # before any data or model work
-        check_sources(cfg)
-        if resume_step is not None:
-            check_resume(cfg, workdir, resume_step)
-        tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
-    except BaseException:
-        ckpts.close()
-        raise
-    log(f"data: {stats.rows} rows, {stats.skipped} skipped, {stats.truncated} truncated to "
-        f"{cfg.data.seq_len} tokens ({stats.no_targets} of them left with no target), "
-        f"{stats.target_tokens} target tokens, {stream.rows_per_epoch} rows/epoch "
-        f"({'packed' if cfg.data.pack else 'padded'})")
-    if resume_step is not None:
-        config = LlamaConfig.from_dict(json.loads((workdir / MODEL_CONFIG).read_text()))
-        params = None
-    else:
-        config, params = build_model(cfg, len(tokenizer), mesh, rules)
-        if jax.process_index() == 0:
-            (workdir / MODEL_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
-            (workdir / TRAIN_CONFIG).write_text(cfg.to_json_best_effort(indent=2))
-    tx, schedule = make_optimizer(cfg)
-    params_abstract = params if params is not None else jax.eval_shape(
-        lambda: init_params(config, jax.random.PRNGKey(0)))
-    keys = trainable_keys(params_abstract, cfg.mode)
-    abstract = abstract_state(config, tx, keys, params_abstract)
-    part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len)
-    if resume_step is not None:  # restored straight into this mesh's shards, whatever the
-        target = jax.tree.map(  # mesh that wrote the checkpoint
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-            part.state)
-        resume_step, params, opt_state, meta = ckpts.restore_latest(target["params"],
-                                                                    target["opt_state"])
-        log(f"resumed from step {resume_step} ({meta.get('data_position')})")
-    else:
-        opt_state = jax.jit(tx.init, out_shardings=part.state["opt_state"])(
-            {k: params[k] for k in keys})
-    state = {"step": jax.device_put(jnp.asarray(resume_step or 0, jnp.int32),
-                                    part.state["step"]),
-             "params": params, "opt_state": opt_state}
-    step_fn = make_train_step(config, cfg, tx, schedule, keys, part)
-    rows = shd.process_rows(part.batch, cfg.batch_size)
-    log(f"mesh {shd.describe(mesh)} over {jax.device_count()} devices in "
-        f"{jax.process_count()} process(es); process 0 feeds batch rows {rows}")
-    if jax.process_count() > 1 and eval_batches:  # global (replicated) arrays for eval
-        eval_batches = [shd.place(b, jax.tree.map(lambda _: part.replicated, b))
-                        for b in eval_batches]
-    writer = _tensorboard(workdir)
-    exits = train_exits(config, cfg.mode)
-    step = int(resume_step or 0)
-    stop = _StopFlag()
-    tokens_per_step = cfg.batch_size * cfg.data.seq_len
-    t_last, steps_since, history = time.perf_counter(), 0, []
-    pending = None  # (step, metrics) not yet checked for NaN / inf
-
-    def save(step_now, force=False):
-        check_finite(step_now, metrics)  # this step's loss / grad norm, before writing it
-        meta = {"step": step_now, "seed": cfg.seed, "data_position": stream.position(step_now),
-                "model": config.to_dict(), "mode": cfg.mode}
-        try:
-            ckpts.save(step_now, state["params"], state["opt_state"], meta, force=force)
-        except NonFiniteParamsError as e:
-            raise TrainingDiverged(str(e)) from None
-
-    try:
-        while step < cfg.total_steps:
-            batch = shd.global_batch(lambda lo, hi, k=step: batch_rows(stream, k, lo, hi),
-                                     part.batch, cfg.batch_size)
-            state, metrics = step_fn(state, batch)
-            if pending is not None:  # one step behind: the host never waits on the device
-                check_finite(*pending)
-            step += 1
-            pending = (step, metrics)
-            steps_since += 1
-            if on_step is not None:
-                on_step(step)
-            if jax.process_count() > 1:  # a signal on any host stops every host at this step
-                stop.signum = _agree_on_signal(stop.signum)
-            if step % cfg.log_every == 0 or step == cfg.total_steps or stop.signum:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.perf_counter()
-                tok_s = steps_since * tokens_per_step / (now - t_last)
-                t_last, steps_since = now, 0
-                m.update(step=step, tokens_per_s=tok_s, epoch=stream.epochs_at(step))
-                history.append(m)
-                log(_format_metrics(step, cfg.total_steps, m, tok_s, exits))
-                _write_metrics(workdir, writer, step, m)
-            if cfg.eval_every and step % cfg.eval_every == 0 and eval_batches:
-                _evaluate(config, state["params"], eval_batches, workdir, writer, step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                save(step)
-            if stop.signum:
-                if step % cfg.checkpoint_every and step != cfg.total_steps:
-                    save(step, force=True)
-                ckpts.wait()
-                log(f"signal {stop.signum}: checkpointed step {step}; rerun the same command "
-                    "to resume")
-                return {"status": "interrupted", "step": step, "workdir": str(workdir),
-                        "history": history, "mesh": shd.describe(mesh), "batch_rows": rows}
-        if pending is not None:
-            check_finite(*pending)
-        ckpts.wait()
-        results = (_evaluate(config, state["params"], eval_batches, workdir, writer, step)
-                   if eval_batches else {})
-    finally:
-        stop.restore()
-        ckpts.close()
-        if writer is not None:
-            writer.close()
-    return {"status": "done", "step": step, "workdir": str(workdir), "history": history,
-            "eval": results, "config": config, "params": state["params"],
-            "data_stats": stats, "mesh": shd.describe(mesh), "batch_rows": rows}
-
-
-def batch_rows(stream: data_lib.BatchStream, k: int, lo: int, hi: int) -> dict:
-    """Rows [lo, hi) of global batch k (what `stream.batch(k)[key][lo:hi]` holds), built
-    without the other rows: one process's part of the batch."""
-    if (lo, hi) == (0, stream.batch_size):
-        return stream.batch(k)
-    rows = []
-    for g in range(k * stream.batch_size + lo, k * stream.batch_size + hi):
-        e, r = divmod(g, stream.rows_per_epoch)
-        rows.append({key: v[r] for key, v in stream._epoch(e).items()})
-    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+    return run_loop(setup(cfg), on_step)
 
 
 def _agree_on_signal(signum):
@@ -503,58 +462,37 @@ def _agree_on_signal(signum):
     return nz[0] if nz else None
 
 
-def _tensorboard(workdir: Path):
-    if jax.process_index() != 0:
-        return None
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(str(workdir / "tb"))
-
-
-def _write_metrics(workdir: Path, writer, step: int, metrics: dict) -> None:
-    if jax.process_index() != 0:
-        return
-    with open(workdir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({k: float(v) for k, v in metrics.items()}) + "\n")
-    for k, v in metrics.items():
-        writer.add_scalar(f"train/{k}", v, step)
-    writer.flush()
-
-
-def _evaluate(config, params, batches, workdir: Path, writer, step: int) -> dict:
-    res = per_exit_metrics(config, params, batches)
-    log("eval " + " ".join(f"{e}: loss {r['loss']:.3f} acc {r['accuracy']:.3f}"
-                           for e, r in res.items()))
-    if writer is not None:
-        for e, r in res.items():
-            writer.add_scalar(f"eval/loss_exit_{e}", r["loss"], step)
-            writer.add_scalar(f"eval/accuracy_exit_{e}", r["accuracy"], step)
-        with open(workdir / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **{str(e): r for e, r in res.items()}}) + "\n")
-    return res
-
-
+# ------------------------------------------------------------------------ CLI
 DEBUG_ENV = "SOFT_JAX_DEBUG"  # =1: full tracebacks instead of one-line errors
 
 
-def _debug() -> bool:
-    import os
-
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or bool(
-        _FLAGS is not None and _FLAGS["debug"].value)
-
-
 def _fail(msg: str, code: int) -> None:
-    print(f"error: {msg}", file=__import__("sys").stderr, flush=True)
+    print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with one-line errors: an unknown `--config.x` is named, with the
-    config file's fields, instead of an ml_collections traceback."""
+def define_flags(argv: Sequence[str]) -> flags.FlagValues:
+    """A fresh flag set for `argv` (without the program name): `--config FILE` with the
+    `--config.field=value` overrides `argv` names, `--debug`, `--verbosity`."""
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
+                                    flag_values=values, lock_config=True,
+                                    sys_argv=["soft_jax.train", *argv])
+    flags.DEFINE_bool("debug", False, "full tracebacks instead of one-line errors",
+                      flag_values=values)
+    flags.DEFINE_string("verbosity", "warning", "absl log level (debug, info, warning, error "
+                        "or a number); Orbax logs every save at info", flag_values=values)
+    return values
+
+
+def parse_flags(argv: Sequence[str], values: flags.FlagValues, debug: bool = False) -> None:
+    """Parse `argv` (without the program name) into `values` with one-line errors: an
+    unknown `--config.x` is named with the config file's fields, instead of an
+    ml_collections traceback."""
     from soft_jax.train_config import check_override_names, load_config_file
 
-    if not any(a == "--debug" for a in argv) and not _debug():
+    argv = list(argv)
+    if not debug:
         try:
             path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
             if path is None and "--config" in argv[:-1]:
@@ -564,49 +502,50 @@ def parse_flags(argv: list[str]) -> list[str]:
         except (ValueError, FileNotFoundError) as e:
             _fail(str(e), 2)
     try:
-        return _FLAGS(argv)
+        rest = values(["soft_jax.train", *argv])[1:]
+        if values["config"].value is None:
+            raise flags.IllegalFlagValueError("flag --config must be given")
+        if rest:
+            raise flags.UnrecognizedFlagError(f"unexpected argument {rest[0]!r}")
     except Exception as e:  # noqa: BLE001  bad values, missing --config: one line
-        if _debug():
+        if debug:
             raise
-        _fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (--helpfull for "
-              "flags; --debug or SOFT_JAX_DEBUG=1 for a traceback)", 2)
+        _fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (--help for flags; "
+              "--debug or SOFT_JAX_DEBUG=1 for a traceback)", 2)
 
 
-def main(argv) -> None:
-    """absl entry point: `--config` file plus `--config.field=value` overrides.
+def main(argv: Sequence[str] | None = None) -> dict:
+    """`python -m soft_jax.train --config FILE [--config.field=value ...]`, also callable
+    from Python with the same arguments (default `sys.argv[1:]`); returns `train`'s summary
+    (an interrupted run returns too: exit 0).
 
     Config and data errors print one line and exit 2, a diverged run exits 3; `--debug` or
     SOFT_JAX_DEBUG=1 shows the traceback instead."""
-    del argv
     from absl import logging
 
     from soft_jax.checkpoint import CheckpointError
 
-    if not _FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        logging.set_verbosity(logging.WARNING)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    values = define_flags(argv)
+    if "-h" in argv or "--help" in argv:
+        print(f"{__doc__}\n{values}")
+        raise SystemExit(0)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    parse_flags(argv, values, debug)
+    debug = debug or values["debug"].value
+    level = values["verbosity"].value
+    logging.set_verbosity(int(level) if level.lstrip("-").isdigit() else level)
     try:
-        result = train(_FLAGS.config)
+        return train(values["config"].value)
     except TrainingDiverged as e:
-        if _debug():
+        if debug:
             raise
         _fail(str(e), 3)
     except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
-        if _debug():
+        if debug:
             raise
         _fail(f"{e} (--debug or SOFT_JAX_DEBUG=1 for a traceback)", 2)
-    if result["status"] == "interrupted":
-        raise SystemExit(0)
 
-
-_FLAGS = None
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    _FLAGS = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
-                                    lock_config=True)
-    flags.DEFINE_bool("debug", False, "full tracebacks instead of one-line errors")
-    flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=parse_flags)
+    main()

@@ -107,10 +107,10 @@ def _compiled_worker(out: Path) -> None:
         b, t = 8, 64
         tx, schedule = make_optimizer(cfg)
         ab = abstract_state(config, tx, ("embed", "final_norm", "layers", "lm_head"))
-        keys = trainable_keys(ab["params"], cfg.mode)
+        keys = trainable_keys(ab.params, cfg.mode)
         part = make_partitioning(mesh, shd.RULES, ab, b, t)
         init = lambda k, c=config: init_params(c, k)  # noqa: E731
-        params = jax.jit(init, out_shardings=part.state["params"])(jax.random.PRNGKey(0))
+        params = jax.jit(init, out_shardings=part.state.params)(jax.random.PRNGKey(0))
         shard_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
         step = make_train_step(config, cfg, tx, schedule, keys, part)
         batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32)

@@ -148,6 +148,23 @@ def test_exit_weights_pair_with_exits_as_written():
         build_model(small_config("/tmp/unused", exits=(3, 1, 2), exit_weights=(1.0, 0.0)), 400)
 
 
+def test_build_model_with_fewer_layers_than_the_presets_exits():
+    from soft_jax.train import build_model, preset_config
+
+    c = small_config("/tmp/unused", exits=(1,))
+    c.model.overrides.num_layers = 2  # tiny's own exits are (2, 3, 4)
+    config, params = build_model(c, 400)
+    assert config.num_layers == 2 and config.exits == (1, 2)
+    assert params["layers"]["attn"]["q_proj"]["kernel"].shape[0] == 2
+    for layers, want in ((2, (2,)), (3, (2, 3)), (6, (2, 3, 4))):  # no run exits: clipped
+        c.model.overrides.num_layers = layers
+        assert preset_config(c, 400).exits == want
+    c.exits = (1, 3)
+    c.model.overrides.num_layers = 2
+    with pytest.raises(ValueError, match=r"exit 3 .*config.exits=\(1, 3\) on a model of 2 "):
+        build_model(c, 400)
+
+
 # ------------------------------------------------------------------ item 5: inputs
 @pytest.mark.parametrize("field,value,match", [
     ("checkpoint_every", 0, "config.checkpoint_every must be >= 1"),
@@ -230,6 +247,21 @@ def test_train_cli_one_line_errors():
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
         "error: data file 'nope.jsonl' does not exist")
     assert "Traceback" not in p.stderr
+
+
+def test_train_main_is_callable_from_python(tmp_path, capsys):
+    from soft_jax.train import main
+
+    args = ["--config", str(ROOT / "configs/tiny.py"), f"--config.workdir={tmp_path / 'm'}",
+            "--config.total_steps=2", "--config.log_every=1", "--config.batch_size=2",
+            "--config.data.max_rows=8", "--config.data.seq_len=192",
+            "--config.data.tokenizer=bpe:300", "--config.data.eval_source="]
+    r = main(args)
+    assert r["status"] == "done" and r["step"] == 2 and "step 2/2" in capsys.readouterr().out
+    for bad in (["--config.optimzer.lr=1"], ["--config.total_steps=x"], ["stray"]):
+        with pytest.raises(SystemExit) as e:  # a second parse in the same process
+            main(args + bad)
+        assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
 
 
 # ------------------------------------------------------------------ item 6: packaging

@@ -183,7 +183,7 @@ def mesh_worker(out: Path) -> None:
     from soft_jax import sharding as shd
     from soft_jax.checkpoint import TrainCheckpoints, load_params
     from soft_jax.model import init_params
-    from soft_jax.train import (abstract_state, make_optimizer, make_partitioning,
+    from soft_jax.train import (TrainState, abstract_state, make_optimizer, make_partitioning,
                                 make_train_step, trainable_keys)
     from soft_jax.train_config import default_config
 
@@ -201,9 +201,9 @@ def mesh_worker(out: Path) -> None:
         mesh = shd.build_mesh(sizes, jax.devices()[:1] if name == "1" else None)
         part = make_partitioning(mesh, shd.RULES, abstract_state(config, tx, keys, params0),
                                  8, 32)
-        params = shd.place(params0, part.state["params"])
-        state = {"step": jax.device_put(jnp.int32(0), part.state["step"]), "params": params,
-                 "opt_state": jax.jit(tx.init, out_shardings=part.state["opt_state"])(params)}
+        params = shd.place(params0, part.state.params)
+        state = TrainState(jax.device_put(jnp.int32(0), part.state.step), params,
+                           jax.jit(tx.init, out_shardings=part.state.opt_state)(params))
         step = make_train_step(config, cfg, tx, schedule, keys, part)
         losses, gnorms = [], []
         for b in batches:
@@ -213,8 +213,8 @@ def mesh_worker(out: Path) -> None:
             losses.append(float(metrics["loss"]))
             gnorms.append(float(metrics["grad_norm"]))
         shards = {}
-        for tree_name, tree in (("params", state["params"]),
-                                ("mu", state["opt_state"][1][0].mu)):
+        for tree_name, tree in (("params", state.params),
+                                ("mu", state.opt_state[1][0].mu)):
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
                 shards[f"{tree_name}{jax.tree_util.keystr(path)}"] = {
                     "spec": str(leaf.sharding.spec), "shape": list(leaf.shape),
@@ -226,21 +226,21 @@ def mesh_worker(out: Path) -> None:
             "batch_spec": str(part.batch.spec),
             "batch_shard": list(gb["input_ids"].addressable_shards[0].data.shape)}
         states[name] = state
-        np.savez(out / f"params_{name}.npz", **_flat(state["params"]))
+        np.savez(out / f"params_{name}.npz", **_flat(state.params))
     # checkpoint written on 8-way fsdp ...
     src = states["fsdp8"]
     ckpts = TrainCheckpoints(out / "ckpt" / "checkpoints", keep=1, async_save=False)
-    ckpts.save(3, src["params"], src["opt_state"], {"step": 3, "model": config.to_dict()})
+    ckpts.save(3, src.params, src.opt_state, {"step": 3, "model": config.to_dict()})
     ckpts.wait()
     (out / "ckpt" / "model_config.json").write_text(json.dumps(config.to_dict()))
-    want_p, want_o = _flat(src["params"]), _flat(src["opt_state"])
+    want_p, want_o = _flat(src.params), _flat(src.opt_state)
     restored = {}
     # ... restored onto fsdp=2 x tensor=4 (train state) and onto one device (params only)
     mesh = shd.build_mesh({"data": 1, "fsdp": 2, "tensor": 4})
     part = make_partitioning(mesh, shd.RULES, abstract_state(config, tx, keys, params0), 8, 32)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state(config, tx, keys, params0), part.state)
-    p, o, meta = ckpts.restore(3, target["params"], target["opt_state"])
+    p, o, meta = ckpts.restore(3, target.params, target.opt_state)
     ckpts.close()
     q = p["layers"]["attn"]["q_proj"]["kernel"]
     k = p["layers"]["attn"]["k_proj"]["kernel"]
