@@ -41,6 +41,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from soft_jax.exits import head_table
 from soft_jax.layers import rms_norm
 
 Array = jax.Array
@@ -235,24 +236,6 @@ _recompute.defvjp(_recompute_fwd, _recompute_bwd)
 
 
 # ------------------------------------------------------------------------------ public API
-def kernel_table(config, params, exits: tuple[int, ...]) -> tuple[Array, tuple[int, ...]]:
-    """The head kernels as a [K, D, V] table and, per exit, its row (see `model.head_kernel`).
-
-    Shared head (untied or tied: embedding.T, so gradients reach the embedding): K = 1.
-    ICT exit heads: the K-1 exit heads then the shared head (a copy of the ICT heads per step).
-    """
-    shared = (params["embed"]["embedding"].T if config.tie_word_embeddings
-              else params["lm_head"]["kernel"])
-    if "exit_heads" not in params or all(e == config.num_layers for e in exits):
-        return shared[None], (0,) * len(exits)
-    heads = params["exit_heads"]["kernel"]
-    table = jnp.concatenate([heads, shared[None]], axis=0)
-    k_shared = heads.shape[0]
-    kidx = tuple(k_shared if e == config.num_layers else config.resolved_exits.index(e)
-                 for e in exits)
-    return table, kidx
-
-
 def chunked_exit_sums(config, params, hidden: Array, targets: Array, mask: Array,
                       exits: tuple[int, ...], *, chunk_tokens: int | None = None,
                       coef: Array | None = None, zcoef: Array | None = None):
@@ -272,7 +255,7 @@ def chunked_exit_sums(config, params, hidden: Array, targets: Array, mask: Array
     chunk = int(chunk_tokens or default_chunk_tokens(config.vocab_size))
     if chunk <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
-    kernels, kidx = kernel_table(config, params, exits)
+    kernels, kidx = head_table(config, params, exits)
     spec = ChunkSpec(float(config.rms_norm_eps), jnp.dtype(config.compute_dtype).name,
                      chunk_positions(chunk, b, t), kidx)
     targets = targets.reshape(b, t).astype(jnp.int32)

@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from soft_jax.exits import normalize_exits, pair_exit_weights
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "linear", "llama3")
 # What each remat policy keeps of a decoder layer for the backward pass, besides the layer
@@ -142,52 +144,6 @@ class LlamaConfig:
         if self.num_exit_heads not in (0, len(exits) - 1):
             raise ValueError(f"LlamaConfig.num_exit_heads={self.num_exit_heads}; expected 0 or "
                              f"{len(exits) - 1} (one per non-final exit)")
-
-
-def normalize_exits(exits, num_layers: int) -> tuple[int, ...]:
-    """Validate 1-based exit layer counts, sort them and make sure the last layer is included."""
-    if exits is None:
-        return (num_layers,)
-    if isinstance(exits, int):
-        exits = (exits,)
-    out = set()
-    for e in exits:
-        if isinstance(e, bool) or not isinstance(e, (int,)) and not (hasattr(e, "__index__")):
-            raise ValueError(f"exit {e!r} is not an integer layer count")
-        e = int(e)
-        if not 1 <= e <= num_layers:
-            raise ValueError(f"exit {e} is not a layer count of this model: expected 1..{num_layers}")
-        out.add(e)
-    out.add(num_layers)
-    return tuple(sorted(out))
-
-
-def pair_exit_weights(exits, weights, num_layers: int, exits_name: str = "exits",
-                      weights_name: str = "exit_weights"
-                      ) -> tuple[tuple[int, ...], tuple[float, ...] | None]:
-    """(sorted exits with the last layer, their weights): weight i belongs to exit i as
-    written; when the last layer is not written, a trailing extra weight may give its own
-    (else the lengths must match exactly)."""
-    if weights is None:
-        return normalize_exits(exits, num_layers), None
-    written = [num_layers] if exits is None else [exits] if isinstance(exits, int) else list(
-        exits)
-    resolved = normalize_exits(written, num_layers)
-    if len(set(int(e) for e in written)) != len(written):
-        raise ValueError(f"{exits_name}={tuple(written)} repeats an exit, so {weights_name} "
-                         "cannot be paired with it")
-    if num_layers not in written and len(weights) == len(written) + 1:
-        written.append(num_layers)
-    if len(weights) != len(written):
-        raise ValueError(
-            f"{weights_name} has {len(weights)} entries but {exits_name}={tuple(written)} has "
-            f"{len(written)} (one weight per exit as written; the last layer {num_layers} is "
-            f"added to the exits unless listed, and then needs its own weight)")
-    pairs = dict(zip((int(e) for e in written), (float(w) for w in weights)))
-    if set(pairs) != set(resolved):
-        raise ValueError(f"{weights_name} gives no weight for the last layer {num_layers}: add "
-                         f"it to {exits_name} with a weight")
-    return resolved, tuple(pairs[e] for e in resolved)
 
 
 PRESETS: dict[str, dict] = {

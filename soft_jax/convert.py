@@ -22,6 +22,7 @@ from safetensors.numpy import load_file, save_file
 
 from soft_jax.checkpoint import atomic_dir, commit_dir, ensure_empty_output
 from soft_jax.config import DTYPES, LlamaConfig
+from soft_jax.exits import head_kernel, layer_count, uses_shared_head
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
@@ -240,20 +241,13 @@ def params_to_hf(config: LlamaConfig, params: dict, dtype=None) -> dict[str, np.
 
 def check_exit(config: LlamaConfig, exit_layer) -> int:
     """`exit_layer` as an int, or a ConversionError if it is not a layer count of the model."""
-    if isinstance(exit_layer, bool) or not isinstance(exit_layer, (int, np.integer)) or not (
-            1 <= exit_layer <= config.num_layers):
-        raise ConversionError(f"exit {exit_layer!r} is not a layer count of this "
-                              f"{config.num_layers}-layer model (expected 1..{config.num_layers})")
-    return int(exit_layer)
+    return layer_count(exit_layer, config.num_layers, error=ConversionError)
 
 
 def submodel(config: LlamaConfig, params: dict, exit_layer: int) -> tuple[LlamaConfig, dict]:
     """The standalone `exit_layer`-layer model: first n layers, final norm, that exit's head."""
-    from soft_jax.model import head_kernel
-
     n = check_exit(config, exit_layer)
-    own_head = "exit_heads" in params and n != config.num_layers and n in config.resolved_exits
-    tied = config.tie_word_embeddings and not own_head
+    tied = config.tie_word_embeddings and uses_shared_head(config, params, n)
     sub = {"embed": params["embed"], "final_norm": params["final_norm"],
            "layers": jax.tree.map(lambda a: a[:n], params["layers"])}
     if not tied:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from soft_jax.config import LlamaConfig
+from soft_jax.exits import exit_head_count
 from soft_jax.layers import DecoderLayer, rope_tables
 from soft_jax.model import embed, head_logits
 
@@ -87,19 +88,10 @@ def run_layers(config: LlamaConfig, params: dict, h: Array, cache: Cache, pad: A
     return h, (k_all, v_all)
 
 
-def head_index(config: LlamaConfig, params: dict, layer: int) -> int:
-    """Index of `layer` among the config's exits for `exit_head` (any one if the head is shared)."""
-    if "exit_heads" not in params or layer == config.num_layers:
-        return len(config.resolved_exits) - 1
-    if layer not in config.resolved_exits:
-        raise ValueError(f"exit {layer} has no trained exit head; heads exist for exits "
-                         f"{config.resolved_exits}")
-    return config.resolved_exits.index(layer)
-
-
 def exit_head(config: LlamaConfig, params: dict, h: Array, idx: Array) -> Array:
-    """float32 logits of h at exit config.resolved_exits[idx], idx traced (ICT heads: a switch)."""
-    if "exit_heads" not in params:
+    """float32 logits of h at exit config.resolved_exits[idx], idx traced (ICT heads: a switch;
+    idx is `exits.head_index`)."""
+    if not exit_head_count(params):
         return head_logits(config, params, h, config.num_layers)
     branches = [partial(head_logits, config, params, exit_layer=e) for e in config.resolved_exits]
     return jax.lax.switch(idx, branches, h)
@@ -170,7 +162,7 @@ def _decode_step(config: LlamaConfig, params: dict, cache: Cache, tokens: Array,
 decode_step = jax.jit(_decode_step, static_argnames=("config",), donate_argnames=("cache",))
 decode_step.__doc__ = """One token per row [B] at `slot` through layers 1..stop -> (logits, cache).
 
-`head_idx` is head_index(config, params, stop)."""
+`head_idx` is exits.head_index(config, params, stop)."""
 
 
 def token_loop(step: Callable, state, tokens: Array, aux, key: Array, s: Sampling,

@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import (Cache, Sampling, cache_slots, exit_head, head_index, prefill,
-                             run_layers, stop_array, token_loop, trim)
-from soft_jax.layers import apply_rope, rms_norm, rope_tables
+from soft_jax.decode import (Cache, Sampling, cache_slots, exit_head, prefill, run_layers,
+                             stop_array, token_loop, trim)
+from soft_jax.exits import head_index, layer_count
+from soft_jax.layers import DecoderLayer, rope_tables
 from soft_jax.model import embed
 
 Array = jax.Array
@@ -65,9 +66,7 @@ def resolve_thresholds(config: LlamaConfig,
                              f"{len(early)} non-final exits {early}; pass a dict {{exit: value}}")
         thresholds = dict(zip(early, thresholds))
     for e in thresholds:
-        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 1 <= e < n:
-            raise ValueError(f"thresholds key {e!r} is not an early exit of this {n}-layer model "
-                             f"(expected a layer count 1..{n - 1})")
+        layer_count(e, n, "thresholds key", not_last="the last layer always answers")
     exits = tuple(sorted(int(e) for e in thresholds))
     return exits + (n,), tuple(float(thresholds[e]) for e in exits) + (0.0,)
 
@@ -105,16 +104,13 @@ def _catch_up(config, params, st: DynState, a: Array, cur: Array, lo: Array, hi:
 def _copy_kv(config, params, cache: Cache, h: Array, slot: Array, lo: Array) -> Cache:
     """CALM: KV of layers [lo, L) at `slot` projected from the exited state h [D]."""
     cos, sin = rope_tables(config, slot[None, None])
-    dt = config.compute_dtype
+    layer = DecoderLayer(config)
 
     def body(i, cache):
         p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), params["layers"])
-        x = rms_norm(h[None, None], p["input_norm"]["scale"].astype(h.dtype), config.rms_norm_eps)
-        proj = lambda w: jnp.einsum("btd,dkh->btkh", x.astype(dt), w.astype(dt))  # noqa: E731
-        k = apply_rope(proj(p["attn"]["k_proj"]["kernel"]), cos, sin)
-        v = proj(p["attn"]["v_proj"]["kernel"])
+        kv = layer.apply({"params": p}, h[None, None], cos, sin, method=DecoderLayer.kv)
         return tuple(jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (i, 0, slot, 0, 0))
-                     for c, u in zip(cache, (k, v)))
+                     for c, u in zip(cache, kv))
 
     return jax.lax.fori_loop(lo, config.num_layers, body, cache)
 

@@ -19,9 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import (cache_slots, decode_loop, head_index, prefill, sampling,
+from soft_jax.decode import (cache_slots, decode_loop, prefill, sampling,
                              stop_array, trim)
 from soft_jax.dynamic import dynamic_generate
+from soft_jax.exits import head_index, layer_count
 from soft_jax.speculative import speculative_generate
 
 # soft_jax/__init__ exports generate(), so `python -m soft_jax.generate` finds this module
@@ -55,16 +56,6 @@ def _check_ids(config: LlamaConfig, prompts: list[list[int]]) -> None:
     if bad:
         raise ValueError(f"prompt_ids {bad[:5]} are outside the vocabulary "
                          f"0..{config.vocab_size - 1}")
-
-
-def _layer_count(config: LlamaConfig, name: str, value, last_ok: bool) -> int:
-    n = config.num_layers
-    hi = n if last_ok else n - 1
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= hi:
-        why = "" if last_ok or value != n else " (the last layer is the verifier, not a draft)"
-        raise ValueError(f"{name}={value!r} is not a layer count 1..{hi} of this {n}-layer "
-                         f"model{why}")
-    return int(value)
 
 
 def stop_set(config: LlamaConfig, stop_tokens=None) -> set[int]:
@@ -120,9 +111,10 @@ def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
     if copy_kv and not dynamic:
         raise ValueError("copy_kv applies to dynamic decoding (thresholds or dynamic=True)")
     if exit_layer is not None:
-        exit_layer = _layer_count(config, "exit_layer", exit_layer, last_ok=True)
+        exit_layer = layer_count(exit_layer, config.num_layers, "exit_layer")
     if draft_exit is not None:
-        draft_exit = _layer_count(config, "draft_exit", draft_exit, last_ok=False)
+        draft_exit = layer_count(draft_exit, config.num_layers, "draft_exit",
+                                 not_last="the last layer is the verifier, not a draft")
     if draft_tokens is not None and (not isinstance(draft_tokens, int) or draft_tokens < 1):
         raise ValueError(f"draft_tokens={draft_tokens!r} must be a positive int (None = adaptive)")
     if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:

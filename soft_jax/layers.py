@@ -1,7 +1,7 @@
 """One LLaMA decoder layer in Flax Linen: RMSNorm, rotate-half RoPE, GQA attention, SwiGLU.
 
-The layer stack, exits and heads live in `model.py`; this file is the per-layer math only,
-written to match Hugging Face's LlamaDecoderLayer numerically.
+The layer stack lives in `model.py`, exits and heads in `exits.py`; this file is the per-layer
+math only, written to match Hugging Face's LlamaDecoderLayer numerically.
 """
 
 from __future__ import annotations
@@ -94,19 +94,25 @@ class Attention(nn.Module):
 
     config: LlamaConfig
 
-    @nn.compact
-    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+    def setup(self):
         cfg = self.config
-        dense = lambda feats, axis, name: nn.DenseGeneral(  # noqa: E731
+        dense = lambda feats, axis: nn.DenseGeneral(  # noqa: E731
             feats, axis=axis, use_bias=False, dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype, kernel_init=_dense_init(), name=name)
+            param_dtype=cfg.weight_dtype, kernel_init=_dense_init())
         hd = cfg.kv_head_dim
-        q = dense((cfg.num_heads, hd), -1, "q_proj")(x)
-        k = dense((cfg.num_kv_heads, hd), -1, "k_proj")(x)
-        v = dense((cfg.num_kv_heads, hd), -1, "v_proj")(x)
-        q = checkpoint_name(apply_rope(q, cos, sin), "query_proj")
-        k = checkpoint_name(apply_rope(k, cos, sin), "key_proj")
-        v = checkpoint_name(v, "value_proj")
+        self.q_proj = dense((cfg.num_heads, hd), -1)
+        self.k_proj = dense((cfg.num_kv_heads, hd), -1)
+        self.v_proj = dense((cfg.num_kv_heads, hd), -1)
+        self.o_proj = dense(cfg.hidden_size, (-2, -1))
+
+    def kv(self, x, cos, sin):
+        """Keys (after RoPE) and values of the normed input x, [batch, seq, kv_heads, head_dim]."""
+        k = checkpoint_name(apply_rope(self.k_proj(x), cos, sin), "key_proj")
+        return k, checkpoint_name(self.v_proj(x), "value_proj")
+
+    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+        q = checkpoint_name(apply_rope(self.q_proj(x), cos, sin), "query_proj")
+        k, v = self.kv(x, cos, sin)
         if cache is not None:
             k_cache, v_cache = cache
             k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
@@ -115,9 +121,8 @@ class Attention(nn.Module):
             k, v = k.astype(q.dtype), v.astype(q.dtype)
         out = jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=mask is None,
-            implementation=attention_impl(cfg, mask is not None, q.dtype))
-        out = dense(cfg.hidden_size, (-2, -1), "o_proj")(out)
-        return checkpoint_name(out, "attn_out"), cache
+            implementation=attention_impl(self.config, mask is not None, q.dtype))
+        return checkpoint_name(self.o_proj(out), "attn_out"), cache
 
 
 class MLP(nn.Module):
@@ -141,12 +146,19 @@ class DecoderLayer(nn.Module):
 
     config: LlamaConfig
 
-    @nn.compact
-    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+    def setup(self):
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, name=name)  # noqa: E731
-        attn_out, cache = Attention(cfg, name="attn")(
-            norm("input_norm")(x), cos, sin, mask, cache, cache_index)
+        self.input_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
+        self.mlp = MLP(cfg)
+
+    def kv(self, x, cos, sin):
+        """This layer's keys and values of the residual stream x (what attention caches)."""
+        return self.attn.kv(self.input_norm(x), cos, sin)
+
+    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+        attn_out, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
         x = x + attn_out
-        x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
+        x = x + self.mlp(self.post_attn_norm(x))
         return x, cache

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from soft_jax.chunked_loss import chunked_exit_sums, default_chunk_tokens
-from soft_jax.config import LlamaConfig, normalize_exits
+from soft_jax.config import LlamaConfig
+from soft_jax.exits import with_last
 from soft_jax.model import check_tokens, exit_hidden_states, head_logits
 
 Array = jax.Array
@@ -151,7 +152,7 @@ def loss_fn(config: LlamaConfig, params, batch: dict, exits: tuple[int, ...] | N
     `chunk_tokens`: tokens per chunk of the chunked loss (default: `default_chunk_tokens`);
     `weights`: per-exit weights overriding the config's (may be traced).
     """
-    exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    exits = with_last(config, exits)
     targets, mask = batch_targets(batch)
     hidden = exit_hidden_states(config, params, jnp.asarray(batch["input_ids"], jnp.int32),
                                 batch.get("positions"), batch.get("segment_ids"), exits)
@@ -172,7 +173,7 @@ def _exit_loss(config, params, batch, exits):
 def exit_loss(config: LlamaConfig, params, batch: dict,
               exits: tuple[int, ...] | None = None) -> tuple[Array, dict]:
     """(loss, metrics): the weighted mean of per-exit token-mean CEs, with `loss/exit_N` metrics."""
-    exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    exits = with_last(config, exits)
     batch = {k: v for k, v in batch.items() if v is not None}
     check_batch(config, batch)
     return _exit_loss(config, params, batch, exits)

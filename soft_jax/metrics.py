@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soft_jax.config import LlamaConfig, normalize_exits
+from soft_jax.config import LlamaConfig
+from soft_jax.exits import with_last
 from soft_jax.loss import batch_targets, check_batch, token_cross_entropy
 from soft_jax.model import exit_hidden_states, head_logits
 
@@ -31,7 +32,7 @@ def _exit_sums(config, params, batch, exits):
 def per_exit_metrics(config: LlamaConfig, params, batches: Iterable[dict],
                      exits: tuple[int, ...] | None = None) -> dict[int, dict[str, float]]:
     """{exit: {"loss", "ppl", "accuracy", "tokens"}} over all target tokens of `batches`."""
-    exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    exits = with_last(config, exits)
     ce = np.zeros(len(exits))
     correct = np.zeros(len(exits))
     count = 0.0

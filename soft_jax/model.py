@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soft_jax.config import REMAT_SAVES, LlamaConfig, normalize_exits
+from soft_jax.config import REMAT_SAVES, LlamaConfig
+from soft_jax.exits import head_kernel, uses_shared_head, with_last
 from soft_jax.layers import DecoderLayer, rms_norm, rope_tables
 from soft_jax.sharding import RESIDUAL_AXES, constrain
 
@@ -146,7 +147,7 @@ def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,
                        positions: Array | None = None, segment_ids: Array | None = None,
                        exits: tuple[int, ...] | None = None) -> Array:
     """Raw (pre-norm) residual stream at each exit, [n_exits, batch, seq, hidden]."""
-    exits = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    exits = with_last(config, exits)
     b, t = input_ids.shape
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -156,22 +157,11 @@ def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,
                      exits)
 
 
-def head_kernel(config: LlamaConfig, params: Params, exit_layer: int) -> Array:
-    """The [hidden, vocab] head read at `exit_layer`: the shared head, or an ICT exit head."""
-    if "exit_heads" in params and exit_layer != config.num_layers:
-        idx = config.resolved_exits.index(exit_layer)
-        return params["exit_heads"]["kernel"][idx]
-    if config.tie_word_embeddings:
-        return params["embed"]["embedding"].T
-    return params["lm_head"]["kernel"]
-
-
 def head_logits(config: LlamaConfig, params: Params, h: Array, exit_layer: int) -> Array:
     """float32 logits from a raw residual stream: final norm, then the head for that exit."""
     x = rms_norm(h, params["final_norm"]["scale"].astype(h.dtype), config.rms_norm_eps)
     x = x.astype(config.compute_dtype)
-    if config.tie_word_embeddings and ("exit_heads" not in params
-                                       or exit_layer == config.num_layers):
+    if config.tie_word_embeddings and uses_shared_head(config, params, exit_layer):
         # Contract the [vocab, hidden] table directly: a transposed kernel is materialised
         # by XLA CPU (a full copy of the table per decoding step).
         table = params["embed"]["embedding"].astype(config.compute_dtype)
@@ -193,7 +183,7 @@ def exit_logits(config: LlamaConfig, params: Params, input_ids,
     `exits=None` means the config's exits (always with the last layer); an explicit tuple
     returns exactly those exits.
     """
-    asked = normalize_exits(exits if exits is not None else config.exits, config.num_layers)
+    asked = with_last(config, exits)
     check_tokens("input_ids", input_ids, config.vocab_size)
     if exits is not None:
         wanted = sorted({int(e) for e in ([exits] if isinstance(exits, int) else exits)})

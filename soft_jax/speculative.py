@@ -20,7 +20,8 @@ import numpy as np
 
 from soft_jax.config import LlamaConfig
 from soft_jax.decode import (Cache, Sampling, cache_slots, exit_head, filter_logits, forward,
-                             head_index, prefill, run_layers, sample, stop_array)
+                             prefill, run_layers, sample, stop_array)
+from soft_jax.exits import head_index
 from soft_jax.model import head_logits
 
 Array = jax.Array

@@ -26,8 +26,9 @@ from soft_jax import distributed
 from soft_jax import sharding as shd
 from soft_jax.checkpoint import (MODEL_CONFIG, TOKENIZER_DIR, NonFiniteParamsError,
                                  TrainCheckpoints, load_params)
-from soft_jax.config import LlamaConfig, pair_exit_weights, preset
+from soft_jax.config import LlamaConfig, preset
 from soft_jax.convert import is_hf_folder, load_hf
+from soft_jax.exits import initial_exit_heads, pair_exit_weights
 from soft_jax.metrics import per_exit_metrics
 from soft_jax.run_log import RunWriter, Throughput, format_metrics, log
 from soft_jax.model import init_params
@@ -212,10 +213,7 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
     if params is None:
         params = random_params(config, cfg.seed, mesh, rules)
     if cfg.mode == "ict" and "exit_heads" not in params:
-        from soft_jax.model import head_kernel
-
-        shared = head_kernel(config.replace(num_exit_heads=0), params, config.num_layers)
-        params = {**params, "exit_heads": {"kernel": jnp.stack([shared] * (len(exits) - 1))}}
+        params = {**params, "exit_heads": initial_exit_heads(config, params)}
     if mesh is not None:
         params = shd.place(params, shd.tree_shardings(params, mesh, rules))
     return config, params

@@ -40,7 +40,8 @@ from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
 from tqdm import tqdm
 
 from soft_jax.convert import submodel
-from soft_jax.eval.runner import Model, check_heads, generate_ids, load_model, resolve_exits
+from soft_jax.eval.runner import Model, generate_ids, load_model, resolve_exits
+from soft_jax.exits import check_heads
 from soft_jax.model import exit_logits
 
 
@@ -96,7 +97,7 @@ class SoftJaxLM(TemplateLM):
         n = model.config.num_layers
         self.exit = n if exit in (None, "") else resolve_exits(model.config, [exit],
                                                                "model_args.exit")[0]
-        check_heads(model, (self.exit,), "model_args.exit")
+        check_heads(model.config, model.params, (self.exit,), "model_args.exit")
         self.sub_config, self.sub_params = submodel(model.config, model.params, self.exit)
         self.batch_size = _positive_int("batch_size", batch_size)
         self._max_length = _positive_int("max_length", max_length or
@@ -318,7 +319,7 @@ def main(argv=None) -> int:
         model = load(args.ckpt, args.hf, args.tokenizer, args.dtype, field="args")
         exits = resolve_exits(model.config, [e for e in args.exits.split(",") if e.strip()],
                               "--exits")
-        check_heads(model, exits, "--exits")
+        check_heads(model.config, model.params, exits, "--exits")
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:
             raise ValueError("--tasks: give at least one task name")

@@ -19,6 +19,7 @@ from soft_jax.eval.config import validate
 from soft_jax.eval.scoring import (LM_EVAL_GSM8K_FILTERS, cut_at_next_question,
                                    extract_gsm8k_answer, lm_eval_gsm8k, triviaqa_exact_match,
                                    triviaqa_prediction)
+from soft_jax.exits import check_heads, layer_count
 
 
 def log(msg: str) -> None:
@@ -93,26 +94,13 @@ def resolve_exits(config: LlamaConfig, exits, field: str = "config.exits") -> tu
     exits = list(exits or ())
     if not exits:
         return config.resolved_exits
-    out = set()
-    n = config.num_layers
-    for e in exits:
-        v = e
+
+    def count(e):
         if isinstance(e, str) and e.strip().lstrip("-").isdigit():
-            v = int(e)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 1 <= v <= n:
-            raise ValueError(f"{field}: {e!r} is not a layer count of this {n}-layer model "
-                             f"(expected integers 1..{n})")
-        out.add(int(v))
-    return tuple(sorted(out))
+            e = int(e)
+        return layer_count(e, config.num_layers, f"{field}:")
 
-
-def check_heads(model: Model, exits, field: str) -> None:
-    """An ICT model (separate head per exit) can only be read at the exits it has heads for."""
-    if "exit_heads" in model.params:
-        bad = [e for e in exits if e not in model.config.resolved_exits]
-        if bad:
-            raise ValueError(f"{field}: {bad} have no head in this ICT model; its exits are "
-                             f"{list(model.config.resolved_exits)}")
+    return tuple(sorted({count(e) for e in exits}))
 
 
 # ------------------------------------------------------------------------------ generation
@@ -530,7 +518,7 @@ def run_eval(cfg) -> dict:
     model = load_model(cfg.ckpt, cfg.hf, cfg.tokenizer, cfg.dtype, cfg.name, "config")
     model.chat = data_lib.resolve_template(cfg.template, model.tokenizer, "gsm8k") == "chat"
     exits = resolve_exits(model.config, cfg.exits, "config.exits")
-    check_heads(model, exits, "config.exits")
+    check_heads(model.config, model.params, exits, "config.exits")
     ctx: dict = {"chat_tokenizer": model.tokenizer if model.chat else None}
     if (cfg.second.ckpt or cfg.second.hf) and {"pairwise", "sortedness"} & set(tasks):
         second = load_model(cfg.second.ckpt, cfg.second.hf, cfg.second.tokenizer, cfg.dtype,
@@ -543,7 +531,8 @@ def run_eval(cfg) -> dict:
         else:
             ctx["second_exits"] = tuple(e for e in exits if e <= second.config.num_layers) \
                 or second.config.resolved_exits
-        check_heads(second, ctx["second_exits"], "config.second.exits")
+        check_heads(second.config, second.params, ctx["second_exits"],
+                    "config.second.exits")
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log(f"{model.name}: {model.source} ({model.config.num_layers} layers), exits {exits}, "

@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soft_jax.config import LlamaConfig, normalize_exits
+from soft_jax.config import LlamaConfig
+from soft_jax.exits import normalize_exits
 from soft_jax.layers import rms_norm
 from soft_jax.model import exit_hidden_states, head_logits
 
