@@ -14,13 +14,11 @@ import sys
 import time
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import (cache_slots, decode_loop, head_index, prefill, sampling,
-                             stop_array, trim)
+from soft_jax.decode import Decoding, decode_loop, head_index, prefill_prompts, trim
 from soft_jax.dynamic import dynamic_generate
 from soft_jax.speculative import speculative_generate
 
@@ -74,20 +72,13 @@ def stop_set(config: LlamaConfig, stop_tokens=None) -> set[int]:
     return ids | {int(t) for t in (stop_tokens or ())}
 
 
-def _plain(config, params, prompts, max_new, stop, s, greedy, stops, seed):
-    p_len = max(len(p) for p in prompts)
-    pad_id = config.pad_token_id or 0
-    tokens = jnp.asarray([[pad_id] * (p_len - len(p)) + p for p in prompts], jnp.int32)
-    pad = jnp.asarray([p_len - len(p) for p in prompts], jnp.int32)
-    head = jnp.int32(head_index(config, params, stop))
-    t0 = time.perf_counter()
-    cache = prefill(config, params, tokens[:, :-1], pad, cache_slots(p_len + max_new), stop)
-    out, steps = decode_loop(config, params, cache, tokens[:, -1], pad, jnp.int32(p_len - 1),
-                             jax.random.PRNGKey(seed), s, stop_array(stops), jnp.int32(stop),
-                             head, max_new, greedy)
-    out = np.asarray(out)
-    return [trim(row, stops) for row in out], {"time_s": time.perf_counter() - t0,
-                                               "steps": int(steps)}
+def _plain(config: LlamaConfig, params: dict, prompts: list[list[int]], layers: int,
+           s: Decoding) -> tuple[list[list[int]], dict]:
+    """Batched decoding with the sub-model of the first `layers` layers."""
+    cache, last, pad, slot = prefill_prompts(config, params, prompts, s.max_new, layers)
+    out, steps = decode_loop(config, params, cache, last, pad, slot, jnp.int32(layers),
+                             jnp.int32(head_index(config, params, layers)), s)
+    return [trim(row, s.stop_ids) for row in np.asarray(out)], {"steps": int(steps)}
 
 
 def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
@@ -142,26 +133,23 @@ def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
         if strict:
             raise ValueError(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    greedy, s, stops = temperature == 0, sampling(temperature, top_k, top_p), stop_set(
-        config, stop_tokens)
-    max_new = int(max_new_tokens)
+    s = Decoding(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
+                 tuple(sorted(stop_set(config, stop_tokens))), int(seed))
+    t0 = time.perf_counter()
     if draft_exit is not None:
-        toks, stats = speculative_generate(config, params, prompts[0], max_new, draft_exit,
-                                           draft_tokens, s, greedy, stops, seed)
-        tokens = [toks]
+        toks, stats = speculative_generate(config, params, prompts[0], draft_exit, draft_tokens, s)
+        tokens, mode = [toks], "speculative"
     elif dynamic:
-        toks, stats = dynamic_generate(config, params, prompts[0], max_new, thresholds, s,
-                                       greedy, stops, seed, copy_kv=copy_kv)
-        tokens = [toks]
+        toks, stats = dynamic_generate(config, params, prompts[0], thresholds, s, copy_kv=copy_kv)
+        tokens, mode = [toks], "dynamic"
     else:
-        tokens, stats = _plain(config, params, prompts, max_new, exit_layer or config.num_layers,
-                               s, greedy, stops, seed)
-    stats["mode"] = ("speculative" if draft_exit is not None else "dynamic" if dynamic else
-                     f"plain exit {exit_layer or config.num_layers}")
-    n = sum(len(t) for t in tokens)
-    stats["new_tokens"] = n
-    stats["tokens_per_s"] = n / stats["time_s"] if stats["time_s"] > 0 else float("inf")
-    stats["ms_per_token"] = 1000 * stats["time_s"] / max(1, max(len(t) for t in tokens))
+        layers = exit_layer or config.num_layers
+        tokens, stats = _plain(config, params, prompts, layers, s)
+        mode = f"plain exit {layers}"
+    elapsed, n = time.perf_counter() - t0, sum(len(t) for t in tokens)
+    stats.update(mode=mode, time_s=elapsed, new_tokens=n,
+                 tokens_per_s=n / elapsed if elapsed > 0 else float("inf"),
+                 ms_per_token=1000 * elapsed / max(1, max(len(t) for t in tokens)))
     return Generation(tokens, stats)
 
 

@@ -115,12 +115,11 @@ def test_speculation_loop_makes_no_host_transfer():
     # The whole generation is one device program: no device-to-host copy until it returns.
     cfg, params = model("gqa", 0)
     cache = decode.prefill(cfg, params, jnp.asarray([PROMPT[:-1]]), jnp.zeros(1, jnp.int32), 64)
-    args = (jnp.int32(PROMPT[-1]), jnp.int32(len(PROMPT) - 1), jax.random.PRNGKey(0),
-            decode.sampling(), decode.stop_array(set()), jnp.int32(2), jnp.int32(0),
+    args = (jnp.int32(PROMPT[-1]), jnp.int32(len(PROMPT) - 1), jnp.int32(2), jnp.int32(0),
             jnp.int32(4))
     with jax.transfer_guard_device_to_host("disallow"):
-        st = spec_loop(cfg, params, cache, *args, jnp.int32(N), capacity=64, max_k=15,
-                       adaptive=True, greedy=True)
+        st = spec_loop(cfg, params, cache, *args, max_k=15, adaptive=True,
+                       s=decode.Decoding(N))
         jax.block_until_ready(st)
     assert np.asarray(st.out[:N]).tolist() == generate(cfg, params, PROMPT, N).tokens[0]
 
@@ -210,7 +209,7 @@ def test_filter_logits_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]]))
 
     def kept(**kw):
-        return np.isfinite(decode.filter_logits(logits, decode.sampling(1.0, **kw)))[0]
+        return np.isfinite(decode.filter_logits(logits, decode.Decoding(1, 1.0, **kw)))[0]
 
     assert kept().tolist() == [True] * 4
     assert kept(top_k=2).tolist() == [False, True, False, True]
@@ -345,3 +344,19 @@ def test_module_entry_point_runs_cleanly():
     r = subprocess.run([sys.executable, "-m", "soft_jax.generate", "--help"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--draft-exit" in r.stdout and "Warning" not in r.stderr
+
+
+def test_new_settings_reuse_the_compiled_loops():
+    # Decoding's numbers are traced: other seeds, temperatures, top-k/p and max_new (within one
+    # capacity bucket) run the same compiled plain, speculative and dynamic loops.
+    cfg, params = model("gqa", 0)
+    loops = (decode.decode_loop, spec_loop, dynamic.dynamic_loop)
+    sampled = dict(temperature=0.9, top_k=5, top_p=0.8, seed=2)
+    runs = [sampled, dict(sampled, draft_exit=2), dict(thresholds=0.5, seed=2)]
+    for kw in runs:
+        generate(cfg, params, PROMPT, N, **dict(kw, temperature=kw.get("temperature", 0) / 2,
+                                                 seed=1))
+    before = [f._cache_size() for f in loops]
+    for kw in runs:
+        generate(cfg, params, PROMPT, N + 3, **kw)
+    assert [f._cache_size() for f in loops] == before
