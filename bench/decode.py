@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import soft_jax as sj
-from soft_jax.generate import generate
+from soft_jax.generation import generate
 
 SHAPES = {
     "small-random": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=8,

@@ -128,7 +128,7 @@ def generate_ids(model: Model, prompts: list[list[int]], exit_layer: int, max_ne
     """Continuations (prompt excluded) of token-id prompts with sub-model `exit_layer`;
     prompts are batched by length (left-padded by soft_jax.generate). Greedy unless
     `generate_kw` (soft_jax.generate's keywords: temperature, stop_tokens, ...) say else."""
-    from soft_jax.generate import generate
+    from soft_jax.generation import generate
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
