@@ -8,7 +8,8 @@ import importlib
 
 _EXPORTS = {"LlamaConfig": "config", "preset": "config", "load_hf": "convert",
             "save_hf": "convert", "exit_loss": "loss", "exit_logits": "model",
-            "exit_hidden_states": "model", "init_params": "model", "generate": "generation"}
+            "exit_hidden_states": "model", "init_params": "model", "generate": "generation",
+            "load_model": "loading"}
 
 __all__ = [*_EXPORTS, "eval"]
 

@@ -30,28 +30,10 @@ if __name__ != "__main__":
 
 def _load(args):
     """(config, params, tokenizer or None) from --ckpt or --hf."""
-    from pathlib import Path
+    from soft_jax.loading import load_model
 
     exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
-    if args.hf:
-        from soft_jax.convert import load_hf
-
-        config, params = load_hf(args.hf, args.dtype, exits)
-        tok_dir = Path(args.hf)
-    else:
-        from soft_jax.checkpoint import load_params, tokenizer_dir_of
-
-        config, params = load_params(args.ckpt)
-        if exits is not None:
-            config = config.replace(exits=exits)
-        tok_dir = tokenizer_dir_of(args.ckpt)
-    tokenizer = None
-    if tok_dir is not None and any((tok_dir / f).is_file() for f in
-                                   ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    return config, params, tokenizer
+    return load_model(args.hf or args.ckpt, args.dtype if args.hf else None, exits=exits)[:3]
 
 
 def _parse_thresholds(text: str | None):

@@ -21,9 +21,9 @@ from soft_jax import data as data_lib
 from soft_jax import distributed
 from soft_jax import sharding as shd
 from soft_jax.checkpoint import (MODEL_CONFIG, TOKENIZER_DIR, NonFiniteParamsError,
-                                 TrainCheckpoints, load_params)
+                                 TrainCheckpoints)
 from soft_jax.config import LlamaConfig, pair_exit_weights, preset
-from soft_jax.convert import is_hf_folder, load_hf
+from soft_jax.loading import load_model
 from soft_jax.loss import loss_fn
 from soft_jax.metrics import per_exit_metrics
 from soft_jax.model import init_params
@@ -171,10 +171,9 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
         overrides.setdefault("vocab_size", vocab_size)
         config = preset(cfg.model.preset, **overrides, **model_fields)
         params = None
-    elif is_hf_folder(src) or not Path(src).exists():  # a HF folder or hub name
-        config, params = load_hf(src, dtype=cfg.model.param_dtype)
-    else:  # a soft_jax checkpoint, restored shard by shard in the run's param dtype
-        config, params = load_params(src, mesh=mesh, rules=rules, dtype=cfg.model.param_dtype)
+    else:  # a checkpoint (restored shard by shard), HF folder or hub name, in the param dtype
+        config, params, _, _ = load_model(src, cfg.model.param_dtype, mesh=mesh, rules=rules,
+                                          tokenizer=False)
     exits, weights = pair_exit_weights(tuple(cfg.exits) or config.exits,
                                        tuple(cfg.exit_weights) or None, config.num_layers,
                                        "config.exits", "config.exit_weights")
