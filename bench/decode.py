@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import soft_jax as sj
-from soft_jax.generate import generate
+from soft_jax.generation import generate
 
 SHAPES = {
     "small-random": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=8,
@@ -52,9 +52,8 @@ def load_model(args) -> tuple[sj.LlamaConfig, dict]:
     """The benchmarked model: an HF folder, a checkpoint or random weights of a preset."""
     exits = {"exits": tuple(int(e) for e in args.exits.split(","))} if args.exits else {}
     if args.hf or args.ckpt:
-        from soft_jax.checkpoint import load_params
-
-        config, params = sj.load_hf(args.hf, args.dtype) if args.hf else load_params(args.ckpt)
+        config, params, _, _ = sj.load_model(args.hf or args.ckpt, args.dtype if args.hf else None,
+                                             tokenizer=False)
         return config.replace(**exits, eos_token_id=None), params
     shape = {**(SHAPES.get(args.preset) or sj.config.PRESETS[args.preset]), **exits}
     config = sj.LlamaConfig(**{**shape, "param_dtype": args.dtype, "dtype": args.dtype,

@@ -19,7 +19,7 @@ import tempfile
 import jax
 
 import soft_jax as sj
-from soft_jax.generate import generate
+from soft_jax.generation import generate
 
 CONTROL = ("while", "cond", "conditional", "ThunkExecutor", "call")
 

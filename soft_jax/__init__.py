@@ -1,11 +1,30 @@
-"""soft_jax: Sorted Fine-Tuning (SoFT) of LLaMA-family models in JAX/Flax."""
+"""soft_jax: Sorted Fine-Tuning (SoFT) of LLaMA-family models in JAX/Flax.
 
-from soft_jax.config import LlamaConfig, preset
-from soft_jax.convert import load_hf, save_hf
-from soft_jax.loss import exit_loss
-from soft_jax.model import exit_hidden_states, exit_logits, init_params
-from soft_jax.generate import generate  # the function shadows the module; -m still runs the CLI
-from soft_jax import eval  # noqa: E402,A004  soft_jax.eval.* after a plain `import soft_jax`
+The exports and submodules load on first use, so `python -m soft_jax.convert|generate|train|...`
+runs a module that is not imported yet (no runpy warning) and `import soft_jax` stays cheap.
+"""
 
-__all__ = ["LlamaConfig", "preset", "load_hf", "save_hf", "exit_loss", "exit_logits",
-           "exit_hidden_states", "init_params", "generate", "eval"]
+import importlib
+
+_EXPORTS = {"LlamaConfig": "config", "preset": "config", "load_hf": "convert",
+            "save_hf": "convert", "exit_loss": "loss", "exit_logits": "model",
+            "exit_hidden_states": "model", "init_params": "model", "generate": "generation",
+            "load_model": "loading"}
+
+__all__ = [*_EXPORTS, "eval"]
+
+
+def __getattr__(name: str):
+    """An export (soft_jax.generate is the function) or a submodule, imported on first use."""
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -12,7 +12,6 @@ the skipped layers' KV are projected from it at once.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import NamedTuple
 
@@ -21,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import (Cache, Sampling, cache_slots, exit_head, prefill, run_layers,
-                             stop_array, token_loop, trim)
+from soft_jax.decode import (Cache, Decoding, exit_head, prefill_prompts, run_layers,
+                             token_loop, trim)
 from soft_jax.exits import head_index, layer_count
 from soft_jax.layers import DecoderLayer, rope_tables
 from soft_jax.model import embed
@@ -143,13 +142,12 @@ def _token_step(config, params, st: DynState, tok: Array, cur: Array, exits: tup
     return logits, st, (i - 1, conf)
 
 
-@partial(jax.jit, static_argnames=("config", "exits", "max_new", "greedy", "chunk", "copy_kv"))
+@partial(jax.jit, static_argnames=("config", "exits", "chunk", "copy_kv"))
 def dynamic_loop(config: LlamaConfig, params: dict, cache: Cache, last: Array, cur: Array,
-                 key: Array, s: Sampling, stop_ids: Array, exits: tuple[int, ...], thr: Array,
-                 max_new: int, greedy: bool, chunk: int, copy_kv: bool):
+                 exits: tuple[int, ...], thr: Array, chunk: int, copy_kv: bool, s: Decoding):
     """Dynamic-exit decoding of one prompt whose tokens before `last` fill slots [0, cur).
 
-    Returns tokens [1, max_new], steps, catch-up layer passes, and per token the exit index
+    Returns tokens [1, s.capacity], steps, catch-up layer passes, and per token the exit index
     and its top-1 probability.
     """
     slots = cache[0].shape[2]
@@ -161,30 +159,26 @@ def dynamic_loop(config: LlamaConfig, params: dict, cache: Cache, last: Array, c
         return _token_step(config, params, st, tok, cur + i, exits, thr, chunk, copy_kv)
 
     out, steps, st, (idx, confs) = token_loop(step, st, last[None], (jnp.int32(0), jnp.float32(0)),
-                                              key, s, stop_ids, max_new, greedy)
+                                              s)
     return out, steps, st.catchup, idx, confs
 
 
-def dynamic_generate(config: LlamaConfig, params: dict, prompt: list[int], max_new: int,
-                     thresholds, s: Sampling, greedy: bool, stop_ids: set[int], seed: int,
-                     copy_kv: bool = False, chunk: int | None = None) -> tuple[list[int], dict]:
+def dynamic_generate(config: LlamaConfig, params: dict, prompt: list[int], thresholds,
+                     s: Decoding, copy_kv: bool = False,
+                     chunk: int | None = None) -> tuple[list[int], dict]:
     """Generate for one prompt with per-token early exit; returns (tokens, stats)."""
     exits, thr = resolve_thresholds(config, thresholds)
     chunk = chunk or catchup_chunk()
-    slots = cache_slots(len(prompt) + max_new + chunk)
-    t0 = time.perf_counter()
-    cache = prefill(config, params, jnp.asarray([prompt[:-1]], jnp.int32),
-                    jnp.zeros((1,), jnp.int32), slots)
+    cache, last, _, cur = prefill_prompts(config, params, [prompt], s.max_new + chunk)
     out, steps, catchup, idx, confs = dynamic_loop(
-        config, params, cache, jnp.int32(prompt[-1]), jnp.int32(len(prompt) - 1),
-        jax.random.PRNGKey(seed), s, stop_array(stop_ids), exits, jnp.asarray(thr, jnp.float32),
-        max_new, greedy, chunk, copy_kv)
-    tokens = trim(np.asarray(out[0]), stop_ids)
-    elapsed, n = time.perf_counter() - t0, len(tokens)
+        config, params, cache, last[0], cur, exits, jnp.asarray(thr, jnp.float32), chunk,
+        copy_kv, s)
+    tokens = trim(np.asarray(out[0]), s.stop_ids)
+    n = len(tokens)
     taken = [exits[i] for i in np.asarray(idx)[:n]]
     mean_exit = float(np.mean(taken)) if taken else 0.0
     stats = {"exits": taken, "exit_confidences": [float(c) for c in np.asarray(confs)[:n]],
              "mean_exit_layer": mean_exit, "layer_skip_rate": 1.0 - mean_exit / config.num_layers,
              "catchup_layer_passes": int(catchup), "thresholds": dict(zip(exits[:-1], thr[:-1])),
-             "kv": "calm-copy" if copy_kv else "lazy-catch-up", "time_s": elapsed}
+             "kv": "calm-copy" if copy_kv else "lazy-catch-up"}
     return tokens, stats

@@ -1,4 +1,4 @@
-"""Text generation with the full model, a sub-model, self-speculation or dynamic early exit.
+"""Command line for text generation (the implementation is soft_jax.generation).
 
     python -m soft_jax.generate (--ckpt CKPT | --hf DIR) (--prompt TEXT | --prompt-ids 1,2,3)
         [--exit N | --draft-exit N [--draft-tokens K] | --dynamic [--thresholds 8:0.9,16:0.8]]
@@ -8,180 +8,32 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-import time
-import warnings
+import types
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from soft_jax.config import LlamaConfig
-from soft_jax.decode import (cache_slots, decode_loop, prefill, sampling,
-                             stop_array, trim)
-from soft_jax.dynamic import dynamic_generate
-from soft_jax.exits import head_index, layer_count
-from soft_jax.speculative import speculative_generate
-
-# soft_jax/__init__ exports generate(), so `python -m soft_jax.generate` finds this module
-# already imported and runs a fresh copy as __main__: expected, and harmless here.
-warnings.filterwarnings("ignore", message=r"'soft_jax\.generate' found in sys\.modules",
-                        category=RuntimeWarning)
+from soft_jax.generation import Generation, generate, stop_set  # noqa: F401  (re-exported)
 
 
-@dataclasses.dataclass
-class Generation:
-    """Generated ids per prompt (prompt excluded, stop token kept) and decoding statistics."""
+class _CallableModule(types.ModuleType):
+    """Importing this module makes Python bind it as the package attribute `soft_jax.generate`,
+    in place of the generate() function the package exports; calling it keeps meaning the
+    function, so `soft_jax.generate(config, params, ...)` works in either order."""
 
-    tokens: list[list[int]]
-    stats: dict
-
-
-def _prompts(prompt_ids) -> list[list[int]]:
-    arr = prompt_ids.tolist() if hasattr(prompt_ids, "tolist") else prompt_ids
-    if isinstance(arr, (list, tuple)) and arr and all(isinstance(t, (int, np.integer))
-                                                      for t in arr):
-        arr = [arr]
-    if not isinstance(arr, (list, tuple)) or not arr or any(
-            not isinstance(p, (list, tuple)) or not p for p in arr):
-        raise ValueError("prompt_ids must be a non-empty list of ints, a list of non-empty "
-                         "lists of ints, or a [batch, length] array")
-    return [[int(t) for t in p] for p in arr]
+    def __call__(self, *args, **kwargs) -> Generation:
+        return generate(*args, **kwargs)
 
 
-def _check_ids(config: LlamaConfig, prompts: list[list[int]]) -> None:
-    bad = [t for p in prompts for t in p if not 0 <= t < config.vocab_size]
-    if bad:
-        raise ValueError(f"prompt_ids {bad[:5]} are outside the vocabulary "
-                         f"0..{config.vocab_size - 1}")
+if __name__ != "__main__":
+    sys.modules[__name__].__class__ = _CallableModule
 
 
-def stop_set(config: LlamaConfig, stop_tokens=None) -> set[int]:
-    """The config's eos id(s) plus user stop tokens."""
-    eos = config.eos_token_id
-    ids = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-    return ids | {int(t) for t in (stop_tokens or ())}
-
-
-def _plain(config, params, prompts, max_new, stop, s, greedy, stops, seed):
-    p_len = max(len(p) for p in prompts)
-    pad_id = config.pad_token_id or 0
-    tokens = jnp.asarray([[pad_id] * (p_len - len(p)) + p for p in prompts], jnp.int32)
-    pad = jnp.asarray([p_len - len(p) for p in prompts], jnp.int32)
-    head = jnp.int32(head_index(config, params, stop))
-    t0 = time.perf_counter()
-    cache = prefill(config, params, tokens[:, :-1], pad, cache_slots(p_len + max_new), stop)
-    out, steps = decode_loop(config, params, cache, tokens[:, -1], pad, jnp.int32(p_len - 1),
-                             jax.random.PRNGKey(seed), s, stop_array(stops), jnp.int32(stop),
-                             head, max_new, greedy)
-    out = np.asarray(out)
-    return [trim(row, stops) for row in out], {"time_s": time.perf_counter() - t0,
-                                               "steps": int(steps)}
-
-
-def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
-             exit_layer: int | None = None, draft_exit: int | None = None, thresholds=None,
-             temperature: float = 0.0, seed: int = 0, *, top_k: int = 0, top_p: float = 1.0,
-             stop_tokens=None, draft_tokens: int | None = None, dynamic: bool = False,
-             copy_kv: bool = False, strict: bool = False) -> Generation:
-    """Generate up to max_new_tokens ids per prompt (list of ints, list of lists, or array).
-
-    Modes (pick one): plain decoding, batched with left padding, with the sub-model of the
-    first `exit_layer` layers (default: the full model); `draft_exit=n`: self-speculative
-    decoding with K = `draft_tokens` or adaptive (4, +2 / -1); `thresholds` or
-    `dynamic=True`: dynamic early exit (thresholds: see soft_jax.dynamic.resolve_thresholds;
-    None = the paper's, mapped by relative depth), with `copy_kv=True` for CALM state copying
-    instead of exact lazy catch-up. The last two take one prompt. temperature 0 is greedy;
-    otherwise sampling with top_k (0 = off), top_p and seed (dynamic exits still compare the
-    raw top-1 probability). Each row stops after the config's eos or any of stop_tokens (kept).
-    A prompt + max_new_tokens beyond the config's max_position_embeddings warns (raises
-    with `strict`). Returns Generation(tokens, stats); stats["time_s"] includes prefill and,
-    on a first call, compilation.
-    """
-    prompts = _prompts(prompt_ids)
-    _check_ids(config, prompts)
-    dynamic = dynamic or thresholds is not None
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive int")
-    if sum(x is not None for x in (exit_layer, draft_exit)) + dynamic > 1:
-        raise ValueError("choose one of exit_layer, draft_exit and thresholds/dynamic")
-    if copy_kv and not dynamic:
-        raise ValueError("copy_kv applies to dynamic decoding (thresholds or dynamic=True)")
-    if exit_layer is not None:
-        exit_layer = layer_count(exit_layer, config.num_layers, "exit_layer")
-    if draft_exit is not None:
-        draft_exit = layer_count(draft_exit, config.num_layers, "draft_exit",
-                                 not_last="the last layer is the verifier, not a draft")
-    if draft_tokens is not None and (not isinstance(draft_tokens, int) or draft_tokens < 1):
-        raise ValueError(f"draft_tokens={draft_tokens!r} must be a positive int (None = adaptive)")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got temperature="
-                         f"{temperature}, top_k={top_k}, top_p={top_p}")
-    if (draft_exit is not None or dynamic) and len(prompts) != 1:
-        raise ValueError(f"{'draft_exit' if draft_exit is not None else 'dynamic'} decoding "
-                         f"supports one prompt at a time (as in the paper); got {len(prompts)}")
-    if dynamic and not isinstance(thresholds, dict) and len(config.resolved_exits) < 2:
-        raise ValueError(f"dynamic decoding needs exits, but this model records none besides "
-                         f"its last layer {config.num_layers}; give them (--exits 2,4,... or "
-                         "config.replace(exits=...)) or thresholds as {exit: prob}")
-    longest = max(len(p) for p in prompts) + int(max_new_tokens)
-    if longest > config.max_position_embeddings:
-        msg = (f"prompt + max_new_tokens = {longest} tokens exceeds max_position_embeddings="
-               f"{config.max_position_embeddings}; later positions were never trained")
-        if strict:
-            raise ValueError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-    greedy, s, stops = temperature == 0, sampling(temperature, top_k, top_p), stop_set(
-        config, stop_tokens)
-    max_new = int(max_new_tokens)
-    if draft_exit is not None:
-        toks, stats = speculative_generate(config, params, prompts[0], max_new, draft_exit,
-                                           draft_tokens, s, greedy, stops, seed)
-        tokens = [toks]
-    elif dynamic:
-        toks, stats = dynamic_generate(config, params, prompts[0], max_new, thresholds, s,
-                                       greedy, stops, seed, copy_kv=copy_kv)
-        tokens = [toks]
-    else:
-        tokens, stats = _plain(config, params, prompts, max_new, exit_layer or config.num_layers,
-                               s, greedy, stops, seed)
-    stats["mode"] = ("speculative" if draft_exit is not None else "dynamic" if dynamic else
-                     f"plain exit {exit_layer or config.num_layers}")
-    n = sum(len(t) for t in tokens)
-    stats["new_tokens"] = n
-    stats["tokens_per_s"] = n / stats["time_s"] if stats["time_s"] > 0 else float("inf")
-    stats["ms_per_token"] = 1000 * stats["time_s"] / max(1, max(len(t) for t in tokens))
-    return Generation(tokens, stats)
-
-
-# --------------------------------------------------------------------------------- CLI
 def _load(args):
     """(config, params, tokenizer or None) from --ckpt or --hf."""
-    from pathlib import Path
+    from soft_jax.loading import load_model
 
     exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
-    if args.hf:
-        from soft_jax.convert import load_hf
-
-        config, params = load_hf(args.hf, args.dtype, exits)
-        tok_dir = Path(args.hf)
-    else:
-        from soft_jax.checkpoint import load_params, tokenizer_dir_of
-
-        config, params = load_params(args.ckpt)
-        if exits is not None:
-            config = config.replace(exits=exits)
-        tok_dir = tokenizer_dir_of(args.ckpt)
-    tokenizer = None
-    if tok_dir is not None and any((tok_dir / f).is_file() for f in
-                                   ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    return config, params, tokenizer
+    return load_model(args.hf or args.ckpt, args.dtype if args.hf else None, exits=exits)[:3]
 
 
 def prompt_ids_for(tokenizer, text: str, chat: bool) -> list[int]:

@@ -10,7 +10,6 @@ host sees the result once, not once per round.
 
 from __future__ import annotations
 
-import time
 from functools import partial
 from typing import NamedTuple
 
@@ -19,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import (Cache, Sampling, cache_slots, exit_head, filter_logits, forward,
-                             prefill, run_layers, sample, stop_array)
+from soft_jax.decode import (Cache, Decoding, exit_head, filter_logits, forward,
+                             prefill_prompts, run_layers, sample)
 from soft_jax.exits import head_index
 from soft_jax.model import head_logits
 
@@ -76,7 +75,7 @@ class SpecState(NamedTuple):
     lengths: Array  # [capacity] draft length of each round
 
 
-def _draft(config, params, cache, last, n_ctx, s, draft_exit, head_idx, k, u, rows, greedy):
+def _draft(config, params, cache, last, n_ctx, s: Decoding, draft_exit, head_idx, k, u, rows):
     """Draft k tokens after `last` with the sub-model; step k only runs the last draft through
     layers 1..n for the verifier. Returns (cache, layer-n states [rows, D], drafts [rows - 1],
     draft logits [rows - 1, V] (filtered; a dummy column if greedy))."""
@@ -89,7 +88,7 @@ def _draft(config, params, cache, last, n_ctx, s, draft_exit, head_idx, k, u, ro
 
         def propose(_):
             q = exit_head(config, params, h[:, 0], head_idx)[0]
-            if greedy:
+            if s.greedy:
                 d = jnp.argmax(q).astype(jnp.int32)
                 return d, drafts.at[i].set(d), qs
             q = filter_logits(q, s)
@@ -101,49 +100,49 @@ def _draft(config, params, cache, last, n_ctx, s, draft_exit, head_idx, k, u, ro
 
     init = (cache, last, jnp.zeros((rows, config.hidden_size), config.compute_dtype),
             jnp.zeros((rows - 1,), jnp.int32),
-            jnp.zeros((rows - 1, 1 if greedy else config.vocab_size), jnp.float32))
+            jnp.zeros((rows - 1, 1 if s.greedy else config.vocab_size), jnp.float32))
     cache, _, hs, drafts, qs = jax.lax.fori_loop(0, k + 1, step, init)
     return cache, hs, drafts, qs
 
 
-def _verify(config, params, cache, hs, drafts, qs, u, n_ctx, s, draft_exit, k, rows, greedy):
+def _verify(config, params, cache, hs, drafts, qs, u, n_ctx, s: Decoding, draft_exit, k, rows):
     """Layers n+1..L on the first `rows` (static) draft states, the full head, accept/resample:
     (accepted count m, next token, cache)."""
     h, cache = run_layers(config, params, hs[None, :rows], cache, jnp.zeros((1,), jnp.int32),
                           n_ctx, draft_exit, config.num_layers)
     p = head_logits(config, params, h[0], config.num_layers)
-    p = p if greedy else filter_logits(p, s)
-    m, nxt = accept_drafts(None if greedy else u[:rows], drafts[:rows - 1], qs[:rows - 1], p,
-                           k, greedy)
+    p = p if s.greedy else filter_logits(p, s)
+    m, nxt = accept_drafts(None if s.greedy else u[:rows], drafts[:rows - 1], qs[:rows - 1], p,
+                           k, s.greedy)
     return m, nxt, cache
 
 
-@partial(jax.jit, static_argnames=("config", "capacity", "max_k", "adaptive", "greedy"),
-         donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("config", "max_k", "adaptive"), donate_argnames=("cache",))
 def spec_loop(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_ctx: Array,
-              key: Array, s: Sampling, stop_ids: Array, draft_exit: Array, head_idx: Array,
-              k0: Array, max_new: Array, capacity: int, max_k: int, adaptive: bool,
-              greedy: bool) -> SpecState:
+              draft_exit: Array, head_idx: Array, k0: Array, max_k: int, adaptive: bool,
+              s: Decoding) -> SpecState:
     """Self-speculative decoding of one prompt, every round on device (one while loop).
 
     `last` (the prompt's last token) sits at slot n_ctx. Each round drafts
     K = min(cur_k, max_new - emitted - 1) >= 1 tokens (cur_k starts at k0; adaptive: +2 when
     all were accepted, else -1, within 1..max_k), verifies them in one call whose row count
     verify_rows(K) picks one of a few static-shape branches, and appends the accepted drafts
-    and the next token, stopping after a stop id or max_new (traced, <= capacity) tokens.
+    and the next token, stopping after a stop id or s.max_new tokens.
     """
     rows = verify_rows(max_k)
     sizes = [1 << j for j in range(1, rows.bit_length())]  # verify_rows of K = 1..max_k
 
+    key, stop_ids, max_new = s.key(), s.stop_array(), s.max_new
+
     def body(st: SpecState) -> SpecState:
         k = jnp.clip(jnp.minimum(st.cur_k, max_new - st.n_out - 1), 1, max_k)
         # rows - 1 draft samples, then up to rows - 1 acceptance tests and one resample
-        u = None if greedy else jax.random.uniform(jax.random.fold_in(key, st.n_ctx),
+        u = None if s.greedy else jax.random.uniform(jax.random.fold_in(key, st.n_ctx),
                                                    (2 * rows - 1,))
         cache, hs, drafts, qs = _draft(config, params, st.cache, st.last, st.n_ctx, s,
-                                       draft_exit, head_idx, k, u, rows, greedy)
-        u_acc = None if greedy else u[rows - 1:]
-        branches = [partial(_verify, config, params, rows=r, greedy=greedy) for r in sizes]
+                                       draft_exit, head_idx, k, u, rows)
+        u_acc = None if s.greedy else u[rows - 1:]
+        branches = [partial(_verify, config, params, rows=r) for r in sizes]
         branch = 31 - jax.lax.clz(k)  # k.bit_length() - 1: index of verify_rows(k) in sizes
         m, nxt, cache = jax.lax.switch(branch, branches, cache, hs, drafts, qs, u_acc, st.n_ctx,
                                        s, draft_exit, k)
@@ -160,24 +159,20 @@ def spec_loop(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_ct
                          st.accepted + m, st.lengths.at[st.rounds].set(k))
 
     zero = jnp.int32(0)
-    init = SpecState(cache, last, n_ctx, jnp.zeros((capacity + rows,), jnp.int32), zero, k0,
-                     jnp.bool_(False), zero, zero, zero, jnp.zeros((capacity,), jnp.int32))
+    init = SpecState(cache, last, n_ctx, jnp.zeros((s.capacity + rows,), jnp.int32), zero, k0,
+                     jnp.bool_(False), zero, zero, zero, jnp.zeros((s.capacity,), jnp.int32))
     return jax.lax.while_loop(lambda st: ~st.done, body, init)
 
 
-def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], max_new: int,
-                         draft_exit: int, k: int | None, s: Sampling, greedy: bool,
-                         stop_ids: set[int], seed: int) -> tuple[list[int], dict]:
+def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], draft_exit: int,
+                         k: int | None, s: Decoding) -> tuple[list[int], dict]:
     """Generate for one prompt; `k=None` adapts K (start 4, +2 all accepted, else -1, min 1)."""
     max_k = k or MAX_K  # the cap applies to adaptive K only
-    slots = cache_slots(len(prompt) + max_new + verify_rows(max_k))
-    t0 = time.perf_counter()
-    cache = prefill(config, params, jnp.asarray([prompt[:-1]], jnp.int32),
-                    jnp.zeros((1,), jnp.int32), slots)
-    st = spec_loop(config, params, cache, jnp.int32(prompt[-1]), jnp.int32(len(prompt) - 1),
-                   jax.random.PRNGKey(seed), s, stop_array(stop_ids), jnp.int32(draft_exit),
+    cache, last, _, n_ctx = prefill_prompts(config, params, [prompt],
+                                            s.max_new + verify_rows(max_k))
+    st = spec_loop(config, params, cache, last[0], n_ctx, jnp.int32(draft_exit),
                    jnp.int32(head_index(config, params, draft_exit)), jnp.int32(k or START_K),
-                   jnp.int32(max_new), cache_slots(max_new), max_k, k is None, greedy)
+                   max_k, k is None, s)
     n_out, rounds, drafted, accepted = (int(x) for x in jax.device_get(
         (st.n_out, st.rounds, st.drafted, st.accepted)))
     out = np.asarray(st.out[:n_out]).tolist()
@@ -185,6 +180,5 @@ def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], m
              "rejection_ratio": (drafted - accepted) / drafted if drafted else 0.0,
              "acceptance_rate": accepted / drafted if drafted else 0.0, "rounds": rounds,
              "draft_lengths": np.asarray(st.lengths[:rounds]).tolist(),
-             "tokens_per_round": n_out / rounds if rounds else 0.0,
-             "time_s": time.perf_counter() - t0}
+             "tokens_per_round": n_out / rounds if rounds else 0.0}
     return out, stats

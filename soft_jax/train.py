@@ -25,10 +25,10 @@ from soft_jax import data as data_lib
 from soft_jax import distributed
 from soft_jax import sharding as shd
 from soft_jax.checkpoint import (MODEL_CONFIG, TOKENIZER_DIR, NonFiniteParamsError,
-                                 TrainCheckpoints, load_params)
+                                 TrainCheckpoints)
 from soft_jax.config import LlamaConfig, preset
-from soft_jax.convert import is_hf_folder, load_hf
 from soft_jax.exits import initial_exit_heads, pair_exit_weights
+from soft_jax.loading import load_model
 from soft_jax.metrics import per_exit_metrics
 from soft_jax.run_log import RunWriter, Throughput, format_metrics, log
 from soft_jax.model import init_params
@@ -194,10 +194,9 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
     params = None
     if not src:
         config = preset_config(cfg, vocab_size, **model_fields)
-    elif is_hf_folder(src) or not Path(src).exists():  # a HF folder or hub name
-        config, params = load_hf(src, dtype=cfg.model.param_dtype)
-    else:  # a soft_jax checkpoint, restored shard by shard in the run's param dtype
-        config, params = load_params(src, mesh=mesh, rules=rules, dtype=cfg.model.param_dtype)
+    else:  # a checkpoint (restored shard by shard), HF folder or hub name, in the param dtype
+        config, params, _, _ = load_model(src, cfg.model.param_dtype, mesh=mesh, rules=rules,
+                                          tokenizer=False)
     try:
         exits, weights = pair_exit_weights(tuple(cfg.exits) or config.exits,
                                            tuple(cfg.exit_weights) or None, config.num_layers,

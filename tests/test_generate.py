@@ -1,10 +1,7 @@
 """Decoding: KV-cached greedy vs full recomputation, padding, self-speculation (lossless greedy,
 distribution-preserving sampling), dynamic early exit with exact catch-up, API errors, CLI."""
 
-import importlib
 import json
-import subprocess
-import sys
 from functools import lru_cache, partial
 
 import jax
@@ -15,7 +12,9 @@ import pytest
 import soft_jax as sj
 from soft_jax import decode, dynamic
 from soft_jax.dynamic import PAPER_THRESHOLDS, default_thresholds
-from soft_jax.generate import generate, main
+import soft_jax.generate as cli
+from soft_jax.generate import main
+from soft_jax.generation import Generation, generate
 from soft_jax.speculative import accept_drafts, spec_loop
 
 SHAPES = {  # GQA + untied head; MHA + explicit head_dim + tied embeddings
@@ -115,12 +114,11 @@ def test_speculation_loop_makes_no_host_transfer():
     # The whole generation is one device program: no device-to-host copy until it returns.
     cfg, params = model("gqa", 0)
     cache = decode.prefill(cfg, params, jnp.asarray([PROMPT[:-1]]), jnp.zeros(1, jnp.int32), 64)
-    args = (jnp.int32(PROMPT[-1]), jnp.int32(len(PROMPT) - 1), jax.random.PRNGKey(0),
-            decode.sampling(), decode.stop_array(set()), jnp.int32(2), jnp.int32(0),
+    args = (jnp.int32(PROMPT[-1]), jnp.int32(len(PROMPT) - 1), jnp.int32(2), jnp.int32(0),
             jnp.int32(4))
     with jax.transfer_guard_device_to_host("disallow"):
-        st = spec_loop(cfg, params, cache, *args, jnp.int32(N), capacity=64, max_k=15,
-                       adaptive=True, greedy=True)
+        st = spec_loop(cfg, params, cache, *args, max_k=15, adaptive=True,
+                       s=decode.Decoding(N))
         jax.block_until_ready(st)
     assert np.asarray(st.out[:N]).tolist() == generate(cfg, params, PROMPT, N).tokens[0]
 
@@ -210,7 +208,7 @@ def test_filter_logits_top_k_and_top_p():
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.15, 0.3]]))
 
     def kept(**kw):
-        return np.isfinite(decode.filter_logits(logits, decode.sampling(1.0, **kw)))[0]
+        return np.isfinite(decode.filter_logits(logits, decode.Decoding(1, 1.0, **kw)))[0]
 
     assert kept().tolist() == [True] * 4
     assert kept(top_k=2).tolist() == [False, True, False, True]
@@ -317,16 +315,14 @@ def test_cli_prompt_ids_without_tokenizer_and_text_with_one(tmp_path, capsys):
 
 def test_cli_mode_flags_reach_generate(tmp_path, capsys, monkeypatch):
     # The modes themselves are tested through the API above; here only the plumbing.
-    g = importlib.import_module("soft_jax.generate")  # the package exports the function too
-
     folder = hf_folder(tmp_path)
     seen = {}
 
     def fake(config, params, ids, max_new, **kw):
         seen.update(kw, exits=config.resolved_exits, ids=ids)
-        return g.Generation([[1, 2]], {"mean_exit_layer": 1.0, "exits": [1, 1]})
+        return Generation([[1, 2]], {"mean_exit_layer": 1.0, "exits": [1, 1]})
 
-    monkeypatch.setattr(g, "generate", fake)
+    monkeypatch.setattr(cli, "generate", fake)
     assert main(["--hf", str(folder), "--prompt-ids", "4,5", "--draft-exit", "1",
                  "--draft-tokens", "2", "--temperature", "0.5", "--top-k", "3", "--seed", "7"]) == 0
     assert seen["draft_exit"] == 1 and seen["draft_tokens"] == 2 and seen["top_k"] == 3
@@ -341,7 +337,17 @@ def test_cli_mode_flags_reach_generate(tmp_path, capsys, monkeypatch):
     assert "--thresholds" in capsys.readouterr().err
 
 
-def test_module_entry_point_runs_cleanly():
-    r = subprocess.run([sys.executable, "-m", "soft_jax.generate", "--help"], capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 0 and "--draft-exit" in r.stdout and "Warning" not in r.stderr
+def test_new_settings_reuse_the_compiled_loops():
+    # Decoding's numbers are traced: other seeds, temperatures, top-k/p and max_new (within one
+    # capacity bucket) run the same compiled plain, speculative and dynamic loops.
+    cfg, params = model("gqa", 0)
+    loops = (decode.decode_loop, spec_loop, dynamic.dynamic_loop)
+    sampled = dict(temperature=0.9, top_k=5, top_p=0.8, seed=2)
+    runs = [sampled, dict(sampled, draft_exit=2), dict(thresholds=0.5, seed=2)]
+    for kw in runs:
+        generate(cfg, params, PROMPT, N, **dict(kw, temperature=kw.get("temperature", 0) / 2,
+                                                 seed=1))
+    before = [f._cache_size() for f in loops]
+    for kw in runs:
+        generate(cfg, params, PROMPT, N + 3, **kw)
+    assert [f._cache_size() for f in loops] == before

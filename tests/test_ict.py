@@ -9,7 +9,7 @@ import soft_jax as sj
 from soft_jax.checkpoint import save_params
 from soft_jax.convert import main as convert_main
 from soft_jax.convert import submodel
-from soft_jax.generate import generate
+from soft_jax.generation import generate
 
 PROMPT, N = [5, 7, 9, 11, 3], 8
 

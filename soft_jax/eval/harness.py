@@ -56,12 +56,8 @@ def _positive_int(name: str, value) -> int:
 def load(ckpt: str = "", hf: str = "", tokenizer: str = "", dtype: str | None = None,
          field: str = "model_args") -> Model:
     """The model (and tokenizer) of a checkpoint or HF folder; `dtype` casts either."""
-    model = load_model(str(ckpt or ""), str(hf or ""), str(tokenizer or ""),
-                       dtype or "float32", field=field)
-    if ckpt and dtype:
-        model.params = jax.tree.map(lambda a: a.astype(dtype), model.params)
-        model.config = model.config.replace(param_dtype=dtype, dtype=dtype)
-    return model
+    return load_model(str(ckpt or ""), str(hf or ""), str(tokenizer or ""), dtype or "float32",
+                      field=field, ckpt_dtype=dtype)
 
 
 @partial(jax.jit, static_argnames=("config",))

@@ -40,50 +40,31 @@ class Model:
 
 
 def load_model(ckpt: str = "", hf: str = "", tokenizer: str = "", dtype: str = "float32",
-               name: str = "model", field: str = "config") -> Model:
-    """A soft_jax checkpoint / work dir (`ckpt`) or HF folder (`hf`) with its tokenizer.
-
-    Errors name the config field (`field`.ckpt, `field`.hf, `field`.tokenizer).
+               name: str = "model", field: str = "config",
+               ckpt_dtype: str | None = None) -> Model:
+    """A soft_jax checkpoint / work dir (`ckpt`, cast to `ckpt_dtype` if given) or HF folder
+    (`hf`, loaded in `dtype`) with its tokenizer. Errors name the config field (`field`.ckpt,
+    `field`.hf, `field`.tokenizer).
     """
-    from soft_jax.checkpoint import load_params, tokenizer_dir_of
-    from soft_jax.convert import load_hf
-    from soft_jax.tokenizer import load_tokenizer
+    from soft_jax.checkpoint import CheckpointError
+    from soft_jax.loading import TokenizerError, load_model as load
 
     if bool(ckpt) == bool(hf):
         raise ValueError(f"{field}.ckpt / {field}.hf: set exactly one")
-    if ckpt:
-        if not Path(ckpt).exists():
-            raise FileNotFoundError(f"{field}.ckpt={ckpt!r} does not exist")
-        try:
-            config, params = load_params(ckpt)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"{field}.ckpt={ckpt!r}: {e}") from None
-        tok_spec = tokenizer or (str(tokenizer_dir_of(ckpt) or ""))
-        source = f"soft_jax checkpoint {ckpt}"
-    else:
-        if not Path(hf).exists() and (hf.startswith((".", "/")) or hf.count("/") != 1):
-            raise FileNotFoundError(f"{field}.hf={hf!r} does not exist")
-        try:
-            config, params = load_hf(hf, dtype)
-        except (FileNotFoundError, ValueError) as e:
-            raise type(e)(f"{field}.hf={hf!r}: {e}") from None
-        tok_spec = tokenizer or hf
-        source = f"Hugging Face folder {hf}"
-    if not tok_spec:
-        raise ValueError(f"{field}.tokenizer: no tokenizer is saved with {ckpt or hf!r}; set "
-                         f"{field}.tokenizer to a tokenizer folder")
-    if tok_spec.startswith("bpe:"):
-        raise ValueError(f"{field}.tokenizer={tok_spec!r}: eval needs the tokenizer the model "
+    if tokenizer.startswith("bpe:"):
+        raise ValueError(f"{field}.tokenizer={tokenizer!r}: eval needs the tokenizer the model "
                          "was trained with (a folder), not a new BPE")
+    key, path = ("ckpt", ckpt) if ckpt else ("hf", hf)
     try:
-        tok = load_tokenizer(tok_spec)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{field}.tokenizer: cannot load a tokenizer from {tok_spec!r} "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                         ) from None
-    if len(tok) > config.vocab_size:
-        raise ValueError(f"{field}.tokenizer: {tok_spec!r} has {len(tok)} tokens but the model's "
-                         f"vocab_size is {config.vocab_size}")
+        config, params, tok, source = load(path, dtype if hf else ckpt_dtype,
+                                           tokenizer=tokenizer or True)
+    except TokenizerError as e:
+        raise ValueError(f"{field}.tokenizer: {e}") from None
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise type(e)(f"{field}.{key}={path!r}: {e}") from None
+    if tok is None:
+        raise ValueError(f"{field}.tokenizer: no tokenizer is saved with {path!r}; set "
+                         f"{field}.tokenizer to a tokenizer folder")
     return Model(name, config, params, tok, source)
 
 
@@ -118,7 +99,7 @@ def generate_ids(model: Model, prompts: list[list[int]], exit_layer: int, max_ne
     """Continuations (prompt excluded) of token-id prompts with sub-model `exit_layer`;
     prompts are batched by length (left-padded by soft_jax.generate). Greedy unless
     `generate_kw` (soft_jax.generate's keywords: temperature, stop_tokens, ...) say else."""
-    from soft_jax.generate import generate
+    from soft_jax.generation import generate
 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int] | None] = [None] * len(prompts)
