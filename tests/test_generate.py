@@ -310,7 +310,7 @@ def test_cli_prompt_ids_without_tokenizer_and_text_with_one(tmp_path, capsys):
     assert json.loads(stats_line)["tokens"] == expected
     assert text.split() == [f"w{t}" for t in expected]
     assert main(args + ["--prompt-ids", "5", "--draft-exit", "4"]) == 2
-    assert "draft_exit=4" in capsys.readouterr().err
+    assert "draft_exit 4" in capsys.readouterr().err
 
 
 def test_cli_mode_flags_reach_generate(tmp_path, capsys, monkeypatch):

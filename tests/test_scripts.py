@@ -48,7 +48,7 @@ def tiny_demo_config(tmp_path):
         "    c.model.overrides = {'vocab_size': 0, 'hidden_size': 16, 'intermediate_size': 32,\n"
         "                         'num_heads': 2, 'num_kv_heads': 1}\n"
         "    c.exits = (2, 4)\n"
-        "    c.data.max_rows, c.data.seq_len, c.data.tokenizer = 8, 32, 'bpe:260'\n"
+        "    c.data.max_rows, c.data.seq_len, c.data.tokenizer = 8, 512, 'bpe:260'\n"
         "    c.batch_size, c.eval_batches, c.checkpoint_every = 2, 1, 100\n"
         "    c.async_checkpointing = False\n"
         "    return c\n")

@@ -189,7 +189,7 @@ def mesh_worker(out: Path) -> None:
 
     assert jax.device_count() == 8
     cfg = default_config()
-    cfg.optimizer.lr, cfg.optimizer.warmup_steps, cfg.total_steps = 1e-2, 1, 10
+    cfg.optimizer.lr, cfg.optimizer.warmup_steps, cfg.total_steps = 1e-3, 1, 10
     config = _tiny()
     params0 = jax.tree.map(np.asarray, init_params(config, jax.random.PRNGKey(0)))
     tx, schedule = make_optimizer(cfg)
