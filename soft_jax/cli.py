@@ -8,6 +8,7 @@ name the field.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 from collections.abc import Sequence
@@ -66,3 +67,10 @@ def apply_overrides(cfg: ml_collections.ConfigDict,
     if rest:
         raise ValueError(f"unrecognized argument {rest[0]!r}")
     return values["config"].value
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """The required `--ckpt CKPT | --hf DIR` pair every model-loading CLI takes."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="soft_jax checkpoint or training work dir")
+    src.add_argument("--hf", help="Hugging Face LlamaForCausalLM folder")

@@ -12,6 +12,7 @@ import json
 import sys
 import types
 
+from soft_jax.cli import add_model_source
 from soft_jax.generation import Generation, generate, stop_set  # noqa: F401  (re-exported)
 
 
@@ -62,9 +63,7 @@ def main(argv=None) -> int:
     """Entry point of `python -m soft_jax.generate`."""
     p = argparse.ArgumentParser(prog="python -m soft_jax.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="soft_jax checkpoint or training work dir")
-    src.add_argument("--hf", help="Hugging Face LlamaForCausalLM folder")
+    add_model_source(p)
     prm = p.add_mutually_exclusive_group(required=True)
     prm.add_argument("--prompt", help="prompt text (needs a tokenizer beside the weights)")
     prm.add_argument("--prompt-ids", help="comma-separated token ids, e.g. 1,2,3")

@@ -39,6 +39,7 @@ from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
 from tqdm import tqdm
 
+from soft_jax.cli import add_model_source
 from soft_jax.convert import submodel
 from soft_jax.eval.runner import Model, generate_ids, load_model, resolve_exits
 from soft_jax.exits import check_heads
@@ -288,9 +289,7 @@ def main(argv=None) -> int:
     """Entry point of `python -m soft_jax.eval.harness`."""
     p = argparse.ArgumentParser(prog="python -m soft_jax.eval.harness", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="soft_jax checkpoint or training work dir")
-    src.add_argument("--hf", help="Hugging Face LlamaForCausalLM folder")
+    add_model_source(p)
     p.add_argument("--exits", default="", help="comma-separated layer counts (default: the "
                                                "model's exits with the last layer)")
     p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
