@@ -30,7 +30,9 @@ def test_cached_waits_for_a_stage_another_process_runs(tmp_path, monkeypatch):
 
     def other_process_finishes():
         time.sleep(0.3)
-        path.write_text(json.dumps({"v": "theirs"}))
+        tmp = path.with_suffix(".tmp")  # written as cached() writes: atomically
+        tmp.write_text(json.dumps({"v": "theirs"}))
+        tmp.replace(path)
 
     threading.Thread(target=other_process_finishes).start()
     assert R.cached(path, "y", lambda: {"v": "ours"})["v"] == "theirs"
