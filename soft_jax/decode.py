@@ -1,16 +1,22 @@
 """Decoding engine: a preallocated KV cache, a runner for any contiguous range of layers, jitted
 prefill and decode loop, and token selection (greedy, temperature, top-k, top-p).
 
-Cache layout: (k, v), each [layers, batch, slots, kv_heads, head_dim]. Prompts are left-padded
-so every row writes the same slot each step; row b's real tokens start at slot `pad[b]` and its
-RoPE position is `slot - pad[b]`. A key is visible to a query when it is at or before the
-query's slot and is a real token, so entries beyond the current length (stale drafts, garbage
-rows) are never read: rolling back a cache is just moving the write slot back.
+Cache layout: one (k, v) pair per layer, each [batch, slots, kv_heads, head_dim]. Prompts are
+left-padded so every row writes the same slot each step; row b's real tokens start at slot
+`pad[b]` and its RoPE position is `slot - pad[b]`. A key is visible to a query when it is at or
+before the query's slot and is a real token, so entries beyond the current length (stale
+drafts, garbage rows) are never read: rolling back a cache is just moving the write slot back.
+
+Weights: decoding reads the layer stack split into one weight dict per layer
+(`for_decoding`). A layer taken out of the stacked [layers, ...] arrays with an index inside
+the loop is copied on XLA CPU before every dot (docs/profile.md: 57% of a token's time); per
+layer arrays reach the dots in place. Per-layer caches likewise update in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from functools import partial
 from typing import Callable
 
@@ -23,7 +29,7 @@ from soft_jax.layers import DecoderLayer, rope_tables
 from soft_jax.model import embed, head_logits
 
 Array = jax.Array
-Cache = tuple[Array, Array]
+Cache = tuple[tuple[Array, Array], ...]  # (k, v) per layer
 SLOT_ROUNDING = 64  # cache lengths are rounded up so nearby prompt lengths share compilations
 
 
@@ -68,10 +74,50 @@ def cache_slots(needed: int) -> int:
     return -(-needed // SLOT_ROUNDING) * SLOT_ROUNDING
 
 
-def init_cache(config: LlamaConfig, num_layers: int, batch: int, slots: int) -> Cache:
-    """A zeroed KV cache for the first `num_layers` layers."""
-    shape = (num_layers, batch, slots, config.num_kv_heads, config.kv_head_dim)
-    return jnp.zeros(shape, config.compute_dtype), jnp.zeros(shape, config.compute_dtype)
+def init_cache(config: LlamaConfig, batch: int, slots: int) -> Cache:
+    """A zeroed KV cache of every layer."""
+    shape = (batch, slots, config.num_kv_heads, config.kv_head_dim)
+    zeros = lambda: jnp.zeros(shape, config.compute_dtype)  # noqa: E731
+    return tuple((zeros(), zeros()) for _ in range(config.num_layers))
+
+
+def cache_length(cache: Cache) -> int:
+    """Number of slots in the cache."""
+    return cache[0][0].shape[1]
+
+
+@jax.jit
+def _split(stacked: dict) -> tuple[dict, ...]:
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(n))
+
+
+_SPLIT_CACHE: list = []  # [(weakrefs to the stacked leaves, split layers)]: the latest params
+
+
+def for_decoding(params: dict) -> dict:
+    """`params` with the layer stack as a tuple of per-layer weight dicts (what the decoding
+    loops read without copying). Made once per params tree: the split of the latest tree is
+    kept while its arrays live, at the cost of a second copy of the layer weights."""
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return params
+    leaves = jax.tree.leaves(layers)
+    hit = _SPLIT_CACHE[0] if _SPLIT_CACHE else None
+    if hit is None or len(hit[0]) != len(leaves) or any(r() is not x for r, x in zip(hit[0], leaves)):
+        _SPLIT_CACHE[:] = [([weakref.ref(x) for x in leaves], _split(layers))]
+        hit = _SPLIT_CACHE[0]
+    return {**params, "layers": hit[1]}
+
+
+def layer_weights(params: dict) -> tuple[dict, ...]:
+    """The per-layer weight dicts: for_decoding's split, else a split made inside the caller's
+    trace (a copy per call)."""
+    layers = params["layers"]
+    if isinstance(layers, tuple):
+        return layers
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
 
 
 def _mask(pad: Array, slot: Array, t: int, slots: int) -> Array:
@@ -82,34 +128,36 @@ def _mask(pad: Array, slot: Array, t: int, slots: int) -> Array:
     return ((k <= q)[None] & (real | (k == q)[None]))[:, None]
 
 
+def _in_range(i: int, start, stop):
+    """Whether layer i is in [start, stop): a bool for static bounds, else a traced one."""
+    if isinstance(start, int) and isinstance(stop, int):
+        return start <= i < stop
+    return (start <= i) & (i < stop)
+
+
 def run_layers(config: LlamaConfig, params: dict, h: Array, cache: Cache, pad: Array,
                slot: Array, start, stop) -> tuple[Array, Cache]:
-    """Run layers [start, stop) on hidden states h [B, T, D] sitting at slots slot..slot+T-1.
+    """Run layers [start, stop) on hidden states h [B, T, D] sitting at slots slot..slot+T-1,
+    writing their T new KV rows into the cache.
 
-    Each step reads its layer's weights from the stacked params with a dynamic index (no
-    slicing of the stack) and writes only the T new KV rows into the cache. Static bounds
-    give a scan; traced bounds (dynamic exits) give a while loop, so one compilation serves
-    every layer range.
+    Every layer is its own code: static bounds leave out the layers outside, traced bounds
+    (dynamic exits, one compilation for every range) put each layer under a `cond` that
+    passes only its own weights and cache.
     """
     t = h.shape[1]
-    k_all, v_all = cache
     positions = jnp.maximum(slot + jnp.arange(t)[None, :] - pad[:, None], 0)
     cos, sin = rope_tables(config, positions)
-    mask = _mask(pad, slot, t, k_all.shape[2])
+    mask = _mask(pad, slot, t, cache_length(cache))
     layer = DecoderLayer(config)
-
-    def body(i, carry):
-        h, k_all, v_all = carry
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)  # noqa: E731
-        p = jax.tree.map(take, params["layers"])
-        h, (k, v) = layer.apply({"params": p}, h, cos, sin, mask, (take(k_all), take(v_all)), slot)
-        new = lambda c: jax.lax.dynamic_slice_in_dim(c, slot, t, axis=1)[None]  # noqa: E731
-        k_all = jax.lax.dynamic_update_slice(k_all, new(k), (i, 0, slot, 0, 0))
-        v_all = jax.lax.dynamic_update_slice(v_all, new(v), (i, 0, slot, 0, 0))
-        return h, k_all, v_all
-
-    h, k_all, v_all = jax.lax.fori_loop(start, stop, body, (h, k_all, v_all))
-    return h, (k_all, v_all)
+    cache = list(cache)
+    for i, p in enumerate(layer_weights(params)):
+        run = lambda h, c, p=p: layer.apply({"params": p}, h, cos, sin, mask, c, slot)  # noqa: E731
+        take = _in_range(i, start, stop)
+        if take is True:
+            h, cache[i] = run(h, cache[i])
+        elif take is not False:
+            h, cache[i] = jax.lax.cond(take, run, lambda h, c: (h, c), h, cache[i])
+    return h, tuple(cache)
 
 
 def exit_head(config: LlamaConfig, params: dict, h: Array, idx: Array) -> Array:
@@ -161,7 +209,7 @@ def forward(config: LlamaConfig, params: dict, tokens: Array, cache: Cache, pad:
 @partial(jax.jit, static_argnames=("config", "slots"))
 def _prefill(config: LlamaConfig, params: dict, tokens: Array, pad: Array, slots: int,
              layers: Array) -> Cache:
-    cache = init_cache(config, config.num_layers, tokens.shape[0], slots)
+    cache = init_cache(config, tokens.shape[0], slots)
     return forward(config, params, tokens, cache, pad, jnp.int32(0), layers)[1]
 
 
@@ -173,8 +221,9 @@ def prefill(config: LlamaConfig, params: dict, tokens: Array, pad: Array, slots:
     The cache always has every layer's slot, so one compilation serves every sub-model.
     """
     if tokens.shape[1] == 0:
-        return init_cache(config, config.num_layers, tokens.shape[0], slots)
-    return _prefill(config, params, tokens, pad, slots, jnp.int32(layers or config.num_layers))
+        return init_cache(config, tokens.shape[0], slots)
+    return _prefill(config, for_decoding(params), tokens, pad, slots,
+                    jnp.int32(layers or config.num_layers))
 
 
 def prefill_prompts(config: LlamaConfig, params: dict, prompts: list[list[int]], extra: int,

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import (Cache, Decoding, exit_head, prefill_prompts, run_layers,
-                             token_loop, trim)
+from soft_jax.decode import (Cache, Decoding, cache_length, exit_head, for_decoding,
+                             layer_weights, prefill_prompts, run_layers, token_loop, trim)
 from soft_jax.exits import head_index, layer_count
 from soft_jax.layers import DecoderLayer, rope_tables
 from soft_jax.model import embed
@@ -105,13 +105,13 @@ def _copy_kv(config, params, cache: Cache, h: Array, slot: Array, lo: Array) -> 
     cos, sin = rope_tables(config, slot[None, None])
     layer = DecoderLayer(config)
 
-    def body(i, cache):
-        p = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, False), params["layers"])
+    def write(c, p):
         kv = layer.apply({"params": p}, h[None, None], cos, sin, method=DecoderLayer.kv)
-        return tuple(jax.lax.dynamic_update_slice(c, u[None].astype(c.dtype), (i, 0, slot, 0, 0))
-                     for c, u in zip(cache, kv))
+        return tuple(jax.lax.dynamic_update_slice_in_dim(x, u.astype(x.dtype), slot, 1)
+                     for x, u in zip(c, kv))
 
-    return jax.lax.fori_loop(lo, config.num_layers, body, cache)
+    return tuple(jax.lax.cond(i >= lo, write, lambda c, p: c, c, p)
+                 for i, (c, p) in enumerate(zip(cache, layer_weights(params))))
 
 
 def _token_step(config, params, st: DynState, tok: Array, cur: Array, exits: tuple[int, ...],
@@ -150,7 +150,7 @@ def dynamic_loop(config: LlamaConfig, params: dict, cache: Cache, last: Array, c
     Returns tokens [1, s.capacity], steps, catch-up layer passes, and per token the exit index
     and its top-1 probability.
     """
-    slots = cache[0].shape[2]
+    slots = cache_length(cache)
     st = DynState(cache, jnp.zeros((slots, config.hidden_size), config.compute_dtype),
                   jnp.where(jnp.arange(slots) < cur, config.num_layers, 0).astype(jnp.int32),
                   jnp.int32(0))
@@ -169,6 +169,7 @@ def dynamic_generate(config: LlamaConfig, params: dict, prompt: list[int], thres
     """Generate for one prompt with per-token early exit; returns (tokens, stats)."""
     exits, thr = resolve_thresholds(config, thresholds)
     chunk = chunk or catchup_chunk()
+    params = for_decoding(params)
     cache, last, _, cur = prefill_prompts(config, params, [prompt], s.max_new + chunk)
     out, steps, catchup, idx, confs = dynamic_loop(
         config, params, cache, last[0], cur, exits, jnp.asarray(thr, jnp.float32), chunk,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import Decoding, decode_loop, prefill_prompts, trim
+from soft_jax.decode import Decoding, decode_loop, for_decoding, prefill_prompts, trim
 from soft_jax.dynamic import dynamic_generate
 from soft_jax.exits import head_index, layer_count
 from soft_jax.speculative import speculative_generate
@@ -116,6 +116,7 @@ def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
     s = Decoding(int(max_new_tokens), float(temperature), int(top_k), float(top_p),
                  tuple(sorted(stop_set(config, stop_tokens))), int(seed))
     t0 = time.perf_counter()
+    params = for_decoding(params)
     if draft_exit is not None:
         toks, stats = speculative_generate(config, params, prompts[0], draft_exit, draft_tokens, s)
         tokens, mode = [toks], "speculative"

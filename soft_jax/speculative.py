@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.config import LlamaConfig
-from soft_jax.decode import (Cache, Decoding, exit_head, filter_logits, forward,
+from soft_jax.decode import (Cache, Decoding, exit_head, filter_logits, for_decoding, forward,
                              prefill_prompts, run_layers, sample)
 from soft_jax.exits import head_index
 from soft_jax.model import head_logits
@@ -168,6 +168,7 @@ def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], d
                          k: int | None, s: Decoding) -> tuple[list[int], dict]:
     """Generate for one prompt; `k=None` adapts K (start 4, +2 all accepted, else -1, min 1)."""
     max_k = k or MAX_K  # the cap applies to adaptive K only
+    params = for_decoding(params)
     cache, last, _, n_ctx = prefill_prompts(config, params, [prompt],
                                             s.max_new + verify_rows(max_k))
     st = spec_loop(config, params, cache, last[0], n_ctx, jnp.int32(draft_exit),
