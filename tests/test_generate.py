@@ -351,3 +351,38 @@ def test_new_settings_reuse_the_compiled_loops():
     for kw in runs:
         generate(cfg, params, PROMPT, N + 3, **kw)
     assert [f._cache_size() for f in loops] == before
+
+
+def weight_copies(hlo: str, layers) -> list[str]:
+    """Instructions of a compiled program that produce an array shaped like a layer kernel
+    (a copy or slice of weights), other than passing a parameter through."""
+    shapes = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(layers) if x.ndim > 1}
+    through = ("parameter", "get-tuple-element", "bitcast", "tuple")
+    return [line.strip()[:120] for line in hlo.splitlines() if " = " in line
+            and line.split(" = ")[1].split("{")[0].split(" ")[0] in shapes
+            and not line.split(" = ")[1].split(" ")[1].startswith(through)]
+
+
+def test_decode_reads_per_layer_weights_in_place_made_once():
+    cfg, params = model("gqa", 0)
+    split = decode.for_decoding(params)
+    assert decode.for_decoding(params)["layers"] is split["layers"]  # made once per params
+    assert decode.for_decoding(split) is split
+    changed = identity_last_layer(params)  # one leaf differs: a new split, not a stale one
+    assert decode.for_decoding(changed)["layers"] is not split["layers"]
+    np.testing.assert_array_equal(decode.for_decoding(changed)["layers"][-1]["attn"]["o_proj"]
+                                  ["kernel"], 0.0)
+    cache, last, pad, slot = decode.prefill_prompts(cfg, params, [PROMPT], N)
+    args = (cache, last, pad, slot, jnp.int32(3), jnp.int32(0), decode.Decoding(N))
+    in_place = decode.decode_loop.lower(cfg, split, *args).compile().as_text()
+    assert weight_copies(in_place, split["layers"]) == []
+    spec = spec_loop.lower(cfg, split, cache, last[0], slot, jnp.int32(2), jnp.int32(0),
+                           jnp.int32(4), 15, True, decode.Decoding(N)).compile().as_text()
+    assert weight_copies(spec, split["layers"]) == []
+    # The same check sees the copies of a split made inside the program (the slow path).
+    in_trace = decode.decode_loop.lower(cfg, params, *args).compile().as_text()
+    assert weight_copies(in_trace, split["layers"])
+    assert (np.asarray(decode.decode_loop(cfg, params, *args)[0]) ==
+            np.asarray(decode.decode_loop(cfg, split, *decode.prefill_prompts(
+                cfg, params, [PROMPT], N), jnp.int32(3), jnp.int32(0),
+                decode.Decoding(N))[0])).all()
