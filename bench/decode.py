@@ -6,6 +6,8 @@ its LayerSkip self-speculation `assistant_early_exit=n` at the same draft exits)
     python bench/decode.py                                          # small random model, CPU
     python bench/decode.py --hf DIR --exits 10,15,20,30 --new-tokens 48 --json rows.json
     python bench/decode.py --preset tinyllama-1.1b --dtype bfloat16 [--ckpt CKPT]
+    python bench/decode.py --hf DIR --no-transformers --host-loop   # + speculation rounds
+                                                                    #   driven from the host
 
 Every row decodes the same prompt(s) with the same dtype, batch 1 and exactly --new-tokens
 tokens (eos is ignored on both sides); times include prefill, exclude compilation (one
@@ -36,7 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import soft_jax as sj
+from soft_jax.decode import Decoding
 from soft_jax.generation import generate
+from soft_jax.speculative import speculative_generate
 
 SHAPES = {
     "small-random": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=8,
@@ -119,6 +123,13 @@ def soft_jax_rows(config, params, new_tokens, draft_exits, args) -> list[tuple[d
              for e in config.resolved_exits if e < L]
     rows += [({"mode": "speculative", "exit": n},
               runner(draft_exit=n, draft_tokens=args.draft_tokens)) for n in draft_exits]
+    if args.host_loop:
+        def host_runner(n: int) -> Runner:
+            s = Decoding(new_tokens)
+            return lambda prompt: speculative_generate(config, params, prompt, n,
+                                                       args.draft_tokens, s, host_loop=True)
+        rows += [({"mode": "speculative-host-loop", "exit": n}, host_runner(n))
+                 for n in draft_exits]
     rows.append(({"mode": "dynamic", "exit": None}, runner(dynamic=True,
                                                            thresholds=args.thresholds)))
     return [({"system": "soft_jax", **r}, f) for r, f in rows]
@@ -265,6 +276,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--thresholds", type=float, default=None,
                    help="one dynamic threshold for all exits (default: the paper's, mapped)")
     p.add_argument("--no-transformers", action="store_true", help="soft_jax rows only")
+    p.add_argument("--host-loop", action="store_true",
+                   help="add speculation driven from the host, one call per round")
     p.add_argument("--bandwidth-mib", type=int, default=512, help="floor: bytes summed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the rows to this file")

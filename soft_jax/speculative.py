@@ -117,69 +117,92 @@ def _verify(config, params, cache, hs, drafts, qs, u, n_ctx, s: Decoding, draft_
     return m, nxt, cache
 
 
+def spec_round(config: LlamaConfig, params: dict, st: SpecState, draft_exit: Array,
+               head_idx: Array, max_k: int, adaptive: bool, s: Decoding) -> SpecState:
+    """One round: draft K = min(cur_k, max_new - emitted - 1) >= 1 tokens, verify them in
+    one call whose row count verify_rows(K) picks one of a few static-shape branches, and
+    append the accepted drafts and the next token (adaptive: cur_k +2 when all were accepted,
+    else -1, within 1..max_k); `done` after a stop id or s.max_new tokens."""
+    rows = verify_rows(max_k)
+    sizes = [1 << j for j in range(1, rows.bit_length())]  # verify_rows of K = 1..max_k
+    max_new = s.max_new
+    k = jnp.clip(jnp.minimum(st.cur_k, max_new - st.n_out - 1), 1, max_k)
+    # rows - 1 draft samples, then up to rows - 1 acceptance tests and one resample
+    u = None if s.greedy else jax.random.uniform(jax.random.fold_in(s.key(), st.n_ctx),
+                                               (2 * rows - 1,))
+    cache, hs, drafts, qs = _draft(config, params, st.cache, st.last, st.n_ctx, s,
+                                   draft_exit, head_idx, k, u, rows)
+    u_acc = None if s.greedy else u[rows - 1:]
+    branches = [partial(_verify, config, params, rows=r) for r in sizes]
+    branch = 31 - jax.lax.clz(k)  # k.bit_length() - 1: index of verify_rows(k) in sizes
+    m, nxt, cache = jax.lax.switch(branch, branches, cache, hs, drafts, qs, u_acc, st.n_ctx,
+                                   s, draft_exit, k)
+    seq = jnp.concatenate([drafts, jnp.zeros((1,), jnp.int32)]).at[m].set(nxt)
+    stops = jnp.isin(seq, s.stop_array()) & (jnp.arange(rows) <= m)
+    emit = jnp.minimum(jnp.where(jnp.any(stops), jnp.argmax(stops), m) + 1,
+                       max_new - st.n_out)
+    n_out = st.n_out + emit
+    cur_k = (jnp.where(m == k, jnp.minimum(max_k, st.cur_k + 2), jnp.maximum(1, st.cur_k - 1))
+             if adaptive else st.cur_k)
+    return SpecState(cache, nxt, st.n_ctx + m + 1,
+                     jax.lax.dynamic_update_slice(st.out, seq, (st.n_out,)), n_out, cur_k,
+                     jnp.any(stops) | (n_out >= max_new), st.rounds + 1, st.drafted + k,
+                     st.accepted + m, st.lengths.at[st.rounds].set(k))
+
+
+def spec_start(cache: Cache, last: Array, n_ctx: Array, k0: Array, max_k: int,
+               s: Decoding) -> SpecState:
+    """The state before the first round: `last` (the prompt's last token) at slot n_ctx."""
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731  distinct buffers: the state is donated
+    return SpecState(cache, last, n_ctx, jnp.zeros((s.capacity + verify_rows(max_k),), jnp.int32),
+                     zero(), k0, jnp.zeros((), bool), zero(), zero(), zero(),
+                     jnp.zeros((s.capacity,), jnp.int32))
+
+
 @partial(jax.jit, static_argnames=("config", "max_k", "adaptive"), donate_argnames=("cache",))
 def spec_loop(config: LlamaConfig, params: dict, cache: Cache, last: Array, n_ctx: Array,
               draft_exit: Array, head_idx: Array, k0: Array, max_k: int, adaptive: bool,
               s: Decoding) -> SpecState:
-    """Self-speculative decoding of one prompt, every round on device (one while loop).
-
-    `last` (the prompt's last token) sits at slot n_ctx. Each round drafts
-    K = min(cur_k, max_new - emitted - 1) >= 1 tokens (cur_k starts at k0; adaptive: +2 when
-    all were accepted, else -1, within 1..max_k), verifies them in one call whose row count
-    verify_rows(K) picks one of a few static-shape branches, and appends the accepted drafts
-    and the next token, stopping after a stop id or s.max_new tokens.
-    """
-    rows = verify_rows(max_k)
-    sizes = [1 << j for j in range(1, rows.bit_length())]  # verify_rows of K = 1..max_k
-
-    key, stop_ids, max_new = s.key(), s.stop_array(), s.max_new
-
-    def body(st: SpecState) -> SpecState:
-        k = jnp.clip(jnp.minimum(st.cur_k, max_new - st.n_out - 1), 1, max_k)
-        # rows - 1 draft samples, then up to rows - 1 acceptance tests and one resample
-        u = None if s.greedy else jax.random.uniform(jax.random.fold_in(key, st.n_ctx),
-                                                   (2 * rows - 1,))
-        cache, hs, drafts, qs = _draft(config, params, st.cache, st.last, st.n_ctx, s,
-                                       draft_exit, head_idx, k, u, rows)
-        u_acc = None if s.greedy else u[rows - 1:]
-        branches = [partial(_verify, config, params, rows=r) for r in sizes]
-        branch = 31 - jax.lax.clz(k)  # k.bit_length() - 1: index of verify_rows(k) in sizes
-        m, nxt, cache = jax.lax.switch(branch, branches, cache, hs, drafts, qs, u_acc, st.n_ctx,
-                                       s, draft_exit, k)
-        seq = jnp.concatenate([drafts, jnp.zeros((1,), jnp.int32)]).at[m].set(nxt)
-        stops = jnp.isin(seq, stop_ids) & (jnp.arange(rows) <= m)
-        emit = jnp.minimum(jnp.where(jnp.any(stops), jnp.argmax(stops), m) + 1,
-                           max_new - st.n_out)
-        n_out = st.n_out + emit
-        cur_k = (jnp.where(m == k, jnp.minimum(max_k, st.cur_k + 2), jnp.maximum(1, st.cur_k - 1))
-                 if adaptive else st.cur_k)
-        return SpecState(cache, nxt, st.n_ctx + m + 1,
-                         jax.lax.dynamic_update_slice(st.out, seq, (st.n_out,)), n_out, cur_k,
-                         jnp.any(stops) | (n_out >= max_new), st.rounds + 1, st.drafted + k,
-                         st.accepted + m, st.lengths.at[st.rounds].set(k))
-
-    zero = jnp.int32(0)
-    init = SpecState(cache, last, n_ctx, jnp.zeros((s.capacity + rows,), jnp.int32), zero, k0,
-                     jnp.bool_(False), zero, zero, zero, jnp.zeros((s.capacity,), jnp.int32))
-    return jax.lax.while_loop(lambda st: ~st.done, body, init)
+    """Self-speculative decoding of one prompt, every round (spec_round) on device in one
+    while loop; cur_k starts at k0."""
+    round_ = partial(spec_round, config, params, draft_exit=draft_exit, head_idx=head_idx,
+                     max_k=max_k, adaptive=adaptive, s=s)
+    return jax.lax.while_loop(lambda st: ~st.done, round_,
+                              spec_start(cache, last, n_ctx, k0, max_k, s))
 
 
-def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], draft_exit: int,
-                         k: int | None, s: Decoding) -> tuple[list[int], dict]:
-    """Generate for one prompt; `k=None` adapts K (start 4, +2 all accepted, else -1, min 1)."""
-    max_k = k or MAX_K  # the cap applies to adaptive K only
-    params = for_decoding(params)
-    cache, last, _, n_ctx = prefill_prompts(config, params, [prompt],
-                                            s.max_new + verify_rows(max_k))
-    st = spec_loop(config, params, cache, last[0], n_ctx, jnp.int32(draft_exit),
-                   jnp.int32(head_index(config, params, draft_exit)), jnp.int32(k or START_K),
-                   max_k, k is None, s)
+def spec_stats(st: SpecState) -> tuple[list[int], dict]:
+    """(emitted tokens, statistics) of a finished speculation state."""
     n_out, rounds, drafted, accepted = (int(x) for x in jax.device_get(
         (st.n_out, st.rounds, st.drafted, st.accepted)))
-    out = np.asarray(st.out[:n_out]).tolist()
     stats = {"drafted": drafted, "accepted": accepted, "rejected": drafted - accepted,
              "rejection_ratio": (drafted - accepted) / drafted if drafted else 0.0,
              "acceptance_rate": accepted / drafted if drafted else 0.0, "rounds": rounds,
              "draft_lengths": np.asarray(st.lengths[:rounds]).tolist(),
              "tokens_per_round": n_out / rounds if rounds else 0.0}
-    return out, stats
+    return np.asarray(st.out[:n_out]).tolist(), stats
+
+
+_round_step = jax.jit(spec_round, static_argnames=("config", "max_k", "adaptive"),
+                     donate_argnames=("st",))
+
+
+def speculative_generate(config: LlamaConfig, params: dict, prompt: list[int], draft_exit: int,
+                         k: int | None, s: Decoding,
+                         host_loop: bool = False) -> tuple[list[int], dict]:
+    """Generate for one prompt; `k=None` adapts K (start 4, +2 all accepted, else -1, min 1).
+    `host_loop` drives the same rounds from the host, one call and one transfer per round
+    (what spec_loop replaced; kept to measure against)."""
+    max_k = k or MAX_K  # the cap applies to adaptive K only
+    params = for_decoding(params)
+    cache, last, _, n_ctx = prefill_prompts(config, params, [prompt],
+                                            s.max_new + verify_rows(max_k))
+    exit_args = (jnp.int32(draft_exit), jnp.int32(head_index(config, params, draft_exit)))
+    k0 = jnp.int32(k or START_K)
+    if not host_loop:
+        return spec_stats(spec_loop(config, params, cache, last[0], n_ctx, *exit_args, k0,
+                                    max_k, k is None, s))
+    st = spec_start(cache, last[0], n_ctx, k0, max_k, s)
+    while not bool(st.done):
+        st = _round_step(config, params, st, *exit_args, max_k, k is None, s)
+    return spec_stats(st)

@@ -110,6 +110,16 @@ def test_on_device_speculation_equals_greedy_for_prompts_stops_and_exits():
     assert one.tokens == [plain[:1]] and one.stats["draft_lengths"] == [1]
 
 
+@pytest.mark.parametrize("k", [None, 2])
+def test_host_driven_rounds_equal_the_device_loop(k):
+    from soft_jax.speculative import speculative_generate
+
+    cfg, params = model("gqa", 0)
+    s = decode.Decoding(N, stop_ids=(generate(cfg, params, PROMPT, N).tokens[0][6],))
+    device = speculative_generate(cfg, params, PROMPT, 2, k, s)
+    assert speculative_generate(cfg, params, PROMPT, 2, k, s, host_loop=True) == device
+
+
 def test_speculation_loop_makes_no_host_transfer():
     # The whole generation is one device program: no device-to-host copy until it returns.
     cfg, params = model("gqa", 0)
