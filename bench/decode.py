@@ -237,6 +237,7 @@ def print_table(rows: list[dict]) -> None:
             f"{'x greedy':>9}{'accept':>7}{'m.exit':>7}{'=greedy':>8}")
     print(head + "\n" + "-" * len(head))
     fmt = lambda v, f: " " * len(format(0.0, f)) if v is None else format(v, f)  # noqa: E731
+    times = lambda r, k: " " if r[f"speedup_vs_{k}"] is None else "x"  # noqa: E731
     for r in rows:
         cells = f"{r['system']:<13}{r['mode']:<21}{'' if r['exit'] is None else r['exit']:>5}"
         if "skipped" in r:
@@ -244,8 +245,8 @@ def print_table(rows: list[dict]) -> None:
             continue
         same = r["identical_to_greedy"]
         print(cells + f"{r['ms_per_token']:>9.2f}{fmt(r.get('tokens_per_s'), '>8.1f')}"
-              f"{fmt(r['speedup_vs_transformers_eager'], '>7.2f')}x"
-              f"{fmt(r['speedup_vs_greedy'], '>8.2f')}x"
+              f"{fmt(r['speedup_vs_transformers_eager'], '>7.2f')}{times(r, 'transformers_eager')}"
+              f"{fmt(r['speedup_vs_greedy'], '>8.2f')}{times(r, 'greedy')}"
               f"{fmt(r.get('acceptance_rate'), '>7.0%')}"
               f"{fmt(r.get('mean_exit'), '>7.1f')}{'' if same is None else str(same):>8}")
     print("floor: weight bytes read per token / read bandwidth of a jitted reduction, this "
