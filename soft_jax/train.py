@@ -6,11 +6,14 @@ SFT model) and SortedNet (one random exit per step).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging as pylogging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import flags
+from absl import flags, logging
 from ml_collections import config_flags
 
 from soft_jax import data as data_lib
@@ -463,6 +466,43 @@ def _agree_on_signal(signum):
 DEBUG_ENV = "SOFT_JAX_DEBUG"  # =1: full tracebacks instead of one-line errors
 
 
+class _Brief(pylogging.Filter):
+    """Log records as one short line without the traceback."""
+
+    def filter(self, record: pylogging.LogRecord) -> bool:
+        line = record.getMessage().splitlines()[0] if record.getMessage() else ""
+        record.msg, record.args = (line[:237] + "...") if len(line) > 240 else line, ()
+        record.exc_info = record.exc_text = None
+        return True
+
+
+@contextlib.contextmanager
+def _brief_library_errors():
+    """While training: what Orbax's background save threads log or print when a save fails
+    (e.g. a full disk) as short lines, each distinct one once, instead of pages of
+    tracebacks; the CLI then names the error itself. --debug leaves everything as it is."""
+    seen: set[str] = set()
+
+    def once(kind: type, value: BaseException | None) -> None:
+        line = f"{kind.__name__}: {str(value).splitlines()[0][:200] if str(value) else ''}"
+        if line not in seen:
+            seen.add(line)
+            print(f"(background) {line}", file=sys.stderr, flush=True)
+
+    loggers, brief = (logging.get_absl_logger(), pylogging.getLogger("asyncio")), _Brief()
+    hooks = sys.excepthook, threading.excepthook
+    for logger in loggers:
+        logger.addFilter(brief)
+    sys.excepthook = lambda kind, value, tb: once(kind, value)  # C++ callbacks print here
+    threading.excepthook = lambda a: once(a.exc_type, a.exc_value)
+    try:
+        yield
+    finally:
+        sys.excepthook, threading.excepthook = hooks
+        for logger in loggers:
+            logger.removeFilter(brief)
+
+
 def _fail(msg: str, code: int) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     raise SystemExit(code)
@@ -518,7 +558,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     Config and data errors print one line and exit 2, a diverged run exits 3; `--debug` or
     SOFT_JAX_DEBUG=1 shows the traceback instead."""
-    from absl import logging
 
     from soft_jax.checkpoint import CheckpointError
 
@@ -533,7 +572,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     level = values["verbosity"].value
     logging.set_verbosity(int(level) if level.lstrip("-").isdigit() else level)
     try:
-        return train(values["config"].value)
+        with contextlib.nullcontext() if debug else _brief_library_errors():
+            return train(values["config"].value)
     except TrainingDiverged as e:
         if debug:
             raise

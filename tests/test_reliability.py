@@ -280,3 +280,33 @@ def test_pyproject_declares_the_imported_dependencies_and_tarball_excludes_outpu
         assert f"--exclude={folder} " in tpu or f"--exclude={folder}\n" in tpu.replace(" \\", "")
     readme = (ROOT / "README.md").read_text()
     assert not [ln for ln in readme.splitlines() if ln.startswith("python -m")]
+
+
+def test_background_save_failures_print_short_lines_once(capsys, caplog):
+    # What Orbax's save threads log or raise when a save fails (e.g. a full disk): without
+    # --debug, short lines without tracebacks, each distinct one once.
+    import threading
+
+    from absl import logging
+
+    from soft_jax.train import _brief_library_errors
+
+    def fail():
+        raise OSError("No space left on device\ndetails")
+
+    with _brief_library_errors():
+        try:
+            fail()
+        except OSError:
+            logging.error("save thread raised: %s", "RESOURCE_EXHAUSTED " + "x" * 400,
+                          exc_info=True)
+        for _ in range(3):
+            t = threading.Thread(target=fail)
+            t.start()
+            t.join()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("No space left on device") == 1, err
+    assert "(background) OSError: No space left on device" in err
+    (record,) = [r for r in caplog.records if "save thread raised" in r.getMessage()]
+    assert record.exc_info is None and len(record.getMessage()) <= 240
+    assert threading.excepthook is not None and logging.get_absl_logger().filters == []
