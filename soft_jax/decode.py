@@ -105,9 +105,15 @@ def for_decoding(params: dict) -> dict:
     leaves = jax.tree.leaves(layers)
     hit = _SPLIT_CACHE[0] if _SPLIT_CACHE else None
     if hit is None or len(hit[0]) != len(leaves) or any(r() is not x for r, x in zip(hit[0], leaves)):
-        _SPLIT_CACHE[:] = [([weakref.ref(x) for x in leaves], _split(layers))]
-        hit = _SPLIT_CACHE[0]
+        hit = ([weakref.ref(x) for x in leaves], _split(layers))
+        _SPLIT_CACHE[:] = [hit]
+        for x in leaves:  # the split dies with its params (it can never match again)
+            weakref.finalize(x, _forget, id(hit))
     return {**params, "layers": hit[1]}
+
+
+def _forget(entry_id: int) -> None:
+    _SPLIT_CACHE[:] = [e for e in _SPLIT_CACHE if id(e) != entry_id]
 
 
 def layer_weights(params: dict) -> tuple[dict, ...]:

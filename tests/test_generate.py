@@ -382,6 +382,11 @@ def test_decode_reads_per_layer_weights_in_place_made_once():
     assert decode.for_decoding(changed)["layers"] is not split["layers"]
     np.testing.assert_array_equal(decode.for_decoding(changed)["layers"][-1]["attn"]["o_proj"]
                                   ["kernel"], 0.0)
+    kept = decode._SPLIT_CACHE[0][1]
+    del changed
+    import gc
+    gc.collect()
+    assert all(e[1] is not kept for e in decode._SPLIT_CACHE)  # freed with its params
     cache, last, pad, slot = decode.prefill_prompts(cfg, params, [PROMPT], N)
     args = (cache, last, pad, slot, jnp.int32(3), jnp.int32(0), decode.Decoding(N))
     in_place = decode.decode_loop.lower(cfg, split, *args).compile().as_text()
