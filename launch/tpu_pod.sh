@@ -119,7 +119,7 @@ if [[ "$install" == 1 ]]; then
   # source only: no environments, caches or checkpoint / output folders
   run tar czf "$tarball" -C "$repo_root" --exclude=.git --exclude=.venv --exclude=venv \
     --exclude=runs --exclude=work_dirs --exclude=demo_out --exclude=checkpoints \
-    --exclude=ckpt --exclude=outputs --exclude=__pycache__ --exclude=.pytest_cache .
+    --exclude=ckpt --exclude=./hf --exclude=./out --exclude=outputs --exclude=__pycache__ --exclude=.pytest_cache .
 fi
 for node in "${nodes[@]}"; do
   if [[ "$install" == 1 ]]; then

@@ -13,7 +13,9 @@ record. A step that fails to read or verify is skipped with a warning for the pr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -185,9 +187,27 @@ def default_shardings(tree):
     return shd.tree_shardings(tree, mesh, shd.RULES)
 
 
+class _NoStepMetadataWarning(logging.Filter):
+    """Drops Orbax's warning that an item folder (STEP/params) lacks the step's metadata
+    file: the checkpoint manager keeps that file one level up, and the params read fine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_item_restore():
+    absl_logger, quiet = logging.getLogger("absl"), _NoStepMetadataWarning()
+    absl_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(quiet)
+
+
 def _restore_verified(ckpt: Path, shardings, mesh, rules, allow_nonfinite: bool) -> dict:
     """Params of one checkpoint folder restored into an explicit target, then verified."""
-    with ocp.StandardCheckpointer() as ckptr:
+    with _quiet_item_restore(), ocp.StandardCheckpointer() as ckptr:
         meta = ckptr.metadata(ckpt / "params")
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
@@ -458,6 +459,7 @@ def from_gguf_main(args) -> Path:
             ensure_empty_output(Path(p))
     if not args.out:
         return hf_from_gguf(args.gguf, args.hf_out)
+    Path(args.out).absolute().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=Path(args.out).absolute().parent) as tmp:
         hf_dir = Path(args.hf_out) if args.hf_out else Path(tmp) / "hf"
         hf_from_gguf(args.gguf, hf_dir)
@@ -508,7 +510,9 @@ def main(argv=None) -> int:
                "from-gguf": from_gguf_main}[args.cmd](args)
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError,
             CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("SOFT_JAX_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"error: {e} (SOFT_JAX_DEBUG=1 for a traceback)", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

