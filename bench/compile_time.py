@@ -39,6 +39,7 @@ def main(argv=None) -> list[tuple[int, int, bool, float]]:
     p.add_argument("--mlp", type=int, default=688, help="intermediate (SwiGLU) size")
     p.add_argument("--seq", type=int, default=128)
     args = p.parse_args(argv)
+    jax.config.update("jax_enable_compilation_cache", False)  # time compiling, not a cache read
     ids = np.zeros((2, args.seq), np.int32)
     batch = {"input_ids": ids, "targets": ids, "loss_mask": np.ones_like(ids)}
     rows = []

@@ -13,7 +13,7 @@ def test_decode_bench_rows_and_json(tmp_path):
     spec.loader.exec_module(bench)
     out = tmp_path / "rows.json"
     bench.main(["--preset", "tiny-random", "--exits", "2,4", "--new-tokens", "4", "--repeats",
-                "2", "--bandwidth-mib", "4", "--prompt-len", "6", "--host-loop", "--json", str(out)])
+                "1", "--bandwidth-mib", "4", "--prompt-len", "6", "--host-loop", "--json", str(out)])
     rows = json.loads(out.read_text())
     key = {(r["system"], r["mode"], r["exit"]): r for r in rows}
     assert rows[0]["mode"] == "floor" and rows[0]["weight_bytes"] > 0

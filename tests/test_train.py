@@ -44,12 +44,11 @@ def losses(result, key="loss"):
     return [h[key] for h in result["history"]]
 
 
-@pytest.mark.parametrize("mode", ["soft", "sft", "sortednet"])
+@pytest.mark.parametrize("mode", ["soft", "sortednet"])  # sft: the grad-accumulation test
 def test_loss_falls(tmp_path, mode):
     r = train(small_config(tmp_path / mode, mode=mode))
     assert r["status"] == "done" and r["step"] == 12
-    key = "loss/exit_4" if mode == "sft" else "loss"
-    assert losses(r, key)[-1] < losses(r, key)[0] - 0.3
+    assert losses(r)[-1] < losses(r)[0] - 0.3
     assert (tmp_path / mode / "metrics.jsonl").is_file() and (tmp_path / mode / "tb").is_dir()
 
 
