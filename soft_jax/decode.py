@@ -86,10 +86,12 @@ def cache_length(cache: Cache) -> int:
     return cache[0][0].shape[1]
 
 
-@jax.jit
-def _split(stacked: dict) -> tuple[dict, ...]:
+def _per_layer(stacked: dict) -> tuple[dict, ...]:
     n = jax.tree.leaves(stacked)[0].shape[0]
-    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(n))
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n))
+
+
+_split = jax.jit(_per_layer)
 
 
 _SPLIT_CACHE: list = []  # [(weakrefs to the stacked leaves, split layers)]: the latest params
@@ -120,10 +122,7 @@ def layer_weights(params: dict) -> tuple[dict, ...]:
     """The per-layer weight dicts: for_decoding's split, else a split made inside the caller's
     trace (a copy per call)."""
     layers = params["layers"]
-    if isinstance(layers, tuple):
-        return layers
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))
+    return layers if isinstance(layers, tuple) else _per_layer(layers)
 
 
 def _mask(pad: Array, slot: Array, t: int, slots: int) -> Array:
