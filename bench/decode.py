@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import soft_jax as sj
+from soft_jax.cli import comma_ints
 from soft_jax.decode import Decoding
 from soft_jax.generation import generate
 from soft_jax.speculative import speculative_generate
@@ -52,13 +53,14 @@ CHAT = "What is the capital of France? Answer in one sentence, then name two of 
 Runner = Callable[[list[int]], tuple[list[int], dict]]
 
 
-def load_model(args) -> tuple[sj.LlamaConfig, dict]:
-    """The benchmarked model: an HF folder, a checkpoint or random weights of a preset."""
-    exits = {"exits": tuple(int(e) for e in args.exits.split(","))} if args.exits else {}
+def load_model(args) -> tuple[sj.LlamaConfig, dict, object | None]:
+    """The benchmarked model and the tokenizer saved with an HF folder (else None): an HF
+    folder, a checkpoint or random weights of a preset."""
+    exits = {"exits": comma_ints(args.exits)} if args.exits else {}
     if args.hf or args.ckpt:
-        config, params, _, _ = sj.load_model(args.hf or args.ckpt, args.dtype if args.hf else None,
-                                             tokenizer=False)
-        return config.replace(**exits, eos_token_id=None), params
+        config, params, tokenizer, _ = sj.load_model(
+            args.hf or args.ckpt, args.dtype if args.hf else None, tokenizer=bool(args.hf))
+        return config.replace(**exits, eos_token_id=None), params, tokenizer
     shape = {**(SHAPES.get(args.preset) or sj.config.PRESETS[args.preset]), **exits}
     config = sj.LlamaConfig(**{**shape, "param_dtype": args.dtype, "dtype": args.dtype,
                                "eos_token_id": None, "max_position_embeddings": 2048})
@@ -71,7 +73,7 @@ def load_model(args) -> tuple[sj.LlamaConfig, dict]:
     if args.head_scale != 1.0:
         head = "embed" if config.tie_word_embeddings else "lm_head"
         params[head] = jax.tree.map(lambda w: w * args.head_scale, params[head])
-    return config, params
+    return config, params, None
 
 
 def weight_bytes(config: sj.LlamaConfig, params: dict) -> int:
@@ -284,16 +286,10 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", default=None, help="write the rows to this file")
     args = p.parse_args(argv)
 
-    config, params = load_model(args)
+    config, params, tokenizer = load_model(args)
     L = config.num_layers
     early = [e for e in config.resolved_exits if e < L]
-    drafts = [int(e) for e in args.draft_exits.split(",")] if args.draft_exits else early
-    tokenizer = None
-    if args.hf and any((Path(args.hf) / f).is_file() for f in ("tokenizer.json",
-                                                                "tokenizer_config.json")):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.hf)
+    drafts = list(comma_ints(args.draft_exits) or early)
     prompts = prompts_of(args, config, tokenizer)
     print(f"model: {L} layers, hidden {config.hidden_size}, vocab {config.vocab_size}, exits "
           f"{config.resolved_exits}, {args.dtype}, batch 1, {len(prompts)} prompt(s) of "

@@ -19,6 +19,7 @@ import tempfile
 import jax
 
 import soft_jax as sj
+from soft_jax.cli import comma_ints
 from soft_jax.generation import generate
 
 CONTROL = ("while", "cond", "conditional", "ThunkExecutor", "call")
@@ -66,7 +67,7 @@ def main() -> None:
     args = p.parse_args()
     config, params = sj.load_hf(args.hf, "float32")
     config = config.replace(eos_token_id=None,
-                            exits=tuple(int(e) for e in args.exits.split(",")))
+                            exits=comma_ints(args.exits))
     prompt = list(range(100, 149))
     runs = {"greedy": dict(), "speculative": dict(draft_exit=args.draft_exit,
                                                   draft_tokens=args.draft_tokens)}

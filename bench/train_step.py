@@ -87,6 +87,7 @@ def run_variant(args, variant: str) -> dict:
     import optax
 
     from soft_jax.chunked_loss import default_chunk_tokens
+    from soft_jax.cli import comma_ints
     from soft_jax.config import preset
     from soft_jax.layers import attention_impl
     from soft_jax.loss import loss_fn, resolve_loss_impl
@@ -96,7 +97,7 @@ def run_variant(args, variant: str) -> dict:
     kind, impl = variant.split("/")
     overrides = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat_policy=args.remat)
     if args.exits:
-        overrides["exits"] = tuple(int(e) for e in args.exits.split(","))
+        overrides["exits"] = comma_ints(args.exits)
     if args.layers:
         overrides["num_layers"] = args.layers
         overrides.setdefault("exits", None)

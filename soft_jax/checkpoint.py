@@ -13,7 +13,6 @@ record. A step that fails to read or verify is skipped with a warning for the pr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from soft_jax.config import LlamaConfig
+from soft_jax.run_log import filtered, one_line
 
 MODEL_CONFIG = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -77,11 +77,6 @@ def integrity_problem(params, record: dict | None, allow_nonfinite: bool = False
     if bad or set(got["checksum"]) != set(record.get("checksum", {})):
         return f"checksum mismatch in {bad[:3] or 'the tree structure'}"
     return None
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
 
 
 def atomic_dir(final: Path) -> Path:
@@ -195,19 +190,10 @@ class _NoStepMetadataWarning(logging.Filter):
         return "Metadata file does not exist" not in record.getMessage()
 
 
-@contextlib.contextmanager
-def _quiet_item_restore():
-    absl_logger, quiet = logging.getLogger("absl"), _NoStepMetadataWarning()
-    absl_logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        absl_logger.removeFilter(quiet)
-
-
 def _restore_verified(ckpt: Path, shardings, mesh, rules, allow_nonfinite: bool) -> dict:
     """Params of one checkpoint folder restored into an explicit target, then verified."""
-    with _quiet_item_restore(), ocp.StandardCheckpointer() as ckptr:
+    with (filtered(_NoStepMetadataWarning(), logging.getLogger("absl")),
+          ocp.StandardCheckpointer() as ckptr):
         meta = ckptr.metadata(ckpt / "params")
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
@@ -244,9 +230,9 @@ def load_params(path, shardings=None, *, mesh=None, rules=None, dtype=None,
         try:
             params = _restore_verified(ckpt, shardings, mesh, rules, allow_nonfinite)
         except Exception as e:  # noqa: BLE001  any unreadable step: try the previous one
-            failures.append(f"{ckpt.name}: {_one_line(e)}")
+            failures.append(f"{ckpt.name}: {one_line(e)}")
             if i + 1 < len(candidates):
-                warnings.warn(f"checkpoint {str(ckpt)!r} is unusable ({_one_line(e)}); trying "
+                warnings.warn(f"checkpoint {str(ckpt)!r} is unusable ({one_line(e)}); trying "
                               f"{candidates[i + 1].name}", RuntimeWarning, stacklevel=2)
             continue
         if dtype is not None:
@@ -317,9 +303,9 @@ class TrainCheckpoints:
                 if problem:
                     raise CheckpointError(problem)
             except Exception as e:  # noqa: BLE001  any unreadable step: try the previous one
-                failures.append(f"step {step}: {_one_line(e)}")
+                failures.append(f"step {step}: {one_line(e)}")
                 warnings.warn(f"checkpoint step {step} in {self.manager.directory} is unusable "
-                              f"({_one_line(e)}); moved aside, trying the previous step",
+                              f"({one_line(e)}); moved aside, trying the previous step",
                               RuntimeWarning, stacklevel=2)
                 self._quarantine(step)
                 continue

@@ -1,4 +1,5 @@
-"""`--config.a.b=value` overrides for every CLI, applied by ml_collections' config flags.
+"""What every CLI shares: `--config.a.b=value` overrides (applied by ml_collections' config
+flags), the `--ckpt | --hf` model source, one-line errors, comma lists of ints.
 
 Each value is parsed by the type of the field's default (int, float, bool, str, tuple).
 Tuple fields also take bare comma lists (`--config.tasks=loss,gsm8k`) and `''` for empty;
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import ast
+import os
 import re
+import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -19,6 +22,7 @@ from ml_collections import config_flags
 from ml_collections.config_flags import config_path, tuple_parser
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+DEBUG_ENV = "SOFT_JAX_DEBUG"  # =1: full tracebacks instead of one-line errors
 
 
 def _literal(text: str):
@@ -74,3 +78,22 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="soft_jax checkpoint or training work dir")
     src.add_argument("--hf", help="Hugging Face LlamaForCausalLM folder")
+
+
+def debug_requested() -> bool:
+    """Whether SOFT_JAX_DEBUG asks for tracebacks instead of one-line errors."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def report_error(e: BaseException) -> int:
+    """The `error: ...` line every CLI prints for bad input, and its exit status 2; with
+    SOFT_JAX_DEBUG=1 the exception propagates (its traceback) instead."""
+    if debug_requested():
+        raise e
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+def comma_ints(text: str | None) -> tuple[int, ...] | None:
+    """`8,12,16` as (8, 12, 16); None or '' as None."""
+    return tuple(int(e) for e in text.split(",")) if text else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from soft_jax.checkpoint import atomic_dir, commit_dir, ensure_empty_output
+from soft_jax.cli import comma_ints, report_error
 from soft_jax.config import DTYPES, LlamaConfig
 from soft_jax.exits import head_kernel, layer_count, uses_shared_head
 
@@ -343,9 +343,7 @@ def save_hf(config: LlamaConfig, params: dict, path, exit_layer: int | None = No
         _write_safetensors(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config, out_dtype), indent=2))
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_dir) / name).is_file():
-                    shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
+            _copy_tokenizer_files(Path(tokenizer_dir), tmp)
         commit_dir(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -438,14 +436,10 @@ def checkpoint_from_hf(hf, out, dtype: str | None = "float32", exits=None) -> Pa
         shutil.rmtree(tok_tmp, ignore_errors=True)
 
 
-def _exits_arg(text):
-    return tuple(int(e) for e in text.split(",")) if text else None
-
-
 def from_hf_main(args) -> Path:
     """`from-hf`: HF folder -> Orbax checkpoint + model config (+ tokenizer files)."""
     return checkpoint_from_hf(args.hf, args.out, None if args.dtype == "auto" else args.dtype,
-                              _exits_arg(args.exits))
+                              comma_ints(args.exits))
 
 
 def from_gguf_main(args) -> Path:
@@ -463,7 +457,7 @@ def from_gguf_main(args) -> Path:
     with tempfile.TemporaryDirectory(dir=Path(args.out).absolute().parent) as tmp:
         hf_dir = Path(args.hf_out) if args.hf_out else Path(tmp) / "hf"
         hf_from_gguf(args.gguf, hf_dir)
-        return checkpoint_from_hf(hf_dir, args.out, args.dtype, _exits_arg(args.exits))
+        return checkpoint_from_hf(hf_dir, args.out, args.dtype, comma_ints(args.exits))
 
 
 def to_hf_main(args) -> Path:
@@ -510,10 +504,7 @@ def main(argv=None) -> int:
                "from-gguf": from_gguf_main}[args.cmd](args)
     except (ConversionError, FileNotFoundError, FileExistsError, ValueError,
             CheckpointError) as e:
-        if os.environ.get("SOFT_JAX_DEBUG", "") not in ("", "0"):
-            raise
-        print(f"error: {e} (SOFT_JAX_DEBUG=1 for a traceback)", file=sys.stderr)
-        return 2
+        return report_error(e)
     print(f"wrote {out}")
     return 0
 

@@ -12,7 +12,7 @@ import json
 import sys
 import types
 
-from soft_jax.cli import add_model_source
+from soft_jax.cli import add_model_source, comma_ints, report_error
 from soft_jax.generation import Generation, generate, stop_set  # noqa: F401  (re-exported)
 
 
@@ -33,8 +33,8 @@ def _load(args):
     """(config, params, tokenizer or None) from --ckpt or --hf."""
     from soft_jax.loading import load_model
 
-    exits = tuple(int(e) for e in args.exits.split(",")) if args.exits else None
-    return load_model(args.hf or args.ckpt, args.dtype if args.hf else None, exits=exits)[:3]
+    return load_model(args.hf or args.ckpt, args.dtype if args.hf else None,
+                      exits=comma_ints(args.exits))[:3]
 
 
 def prompt_ids_for(tokenizer, text: str, chat: bool) -> list[int]:
@@ -104,8 +104,7 @@ def main(argv=None) -> int:
                        top_p=args.top_p, draft_tokens=args.draft_tokens,
                        dynamic=args.dynamic, copy_kv=args.copy_kv, strict=args.strict)
     except (ValueError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     toks = out.tokens[0]
     print(tokenizer.decode(toks, skip_special_tokens=True) if tokenizer is not None
           else ",".join(map(str, toks)))

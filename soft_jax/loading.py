@@ -12,7 +12,8 @@ from typing import NamedTuple
 
 from soft_jax.config import LlamaConfig
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TOKENIZER_MARKERS = (  # any of these beside the weights means a saved tokenizer
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 class TokenizerError(ValueError):
@@ -54,7 +55,7 @@ def _saved_tokenizer(path, checkpoint: bool) -> str | None:
         folder = Path(path)
         if not folder.exists():
             return str(path)  # a hub name: its repo holds the tokenizer
-    if folder is None or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    if folder is None or not any((folder / f).is_file() for f in TOKENIZER_MARKERS):
         return None
     return str(folder)
 

@@ -3,13 +3,33 @@ files (config files, metrics.jsonl, eval.jsonl, TensorBoard); other processes wr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import time
 from pathlib import Path
 
 import jax
 
 from soft_jax import distributed
+
+
+def one_line(e: BaseException) -> str:
+    """`Type: first line of the message` (at most 200 characters of it)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+@contextlib.contextmanager
+def filtered(flt: logging.Filter, *loggers: logging.Logger):
+    """`flt` on each of `loggers` for the duration of the block."""
+    for logger in loggers:
+        logger.addFilter(flt)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(flt)
 
 
 def log(msg: str) -> None:

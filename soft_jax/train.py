@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import logging as pylogging
-import os
 import signal
 import sys
 import threading
@@ -29,11 +28,12 @@ from soft_jax import distributed
 from soft_jax import sharding as shd
 from soft_jax.checkpoint import (MODEL_CONFIG, TOKENIZER_DIR, NonFiniteParamsError,
                                  TrainCheckpoints)
+from soft_jax.cli import debug_requested
 from soft_jax.config import LlamaConfig, preset
 from soft_jax.exits import initial_exit_heads, pair_exit_weights
 from soft_jax.loading import load_model
 from soft_jax.metrics import per_exit_metrics
-from soft_jax.run_log import RunWriter, Throughput, format_metrics, log
+from soft_jax.run_log import RunWriter, Throughput, filtered, format_metrics, log, one_line
 from soft_jax.model import init_params
 from soft_jax.tokenizer import load_tokenizer
 from soft_jax.train_config import (exit_heads_for, resume_changes, train_exits,
@@ -423,6 +423,7 @@ def run_loop(run: Run, on_step=None) -> dict:
                 run.evaluate(step)
             if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
                 run.save(step, metrics)
+                pending = None  # save() checked this step's loss and gradient norm
             if stop.signum:
                 if step % cfg.checkpoint_every and step != cfg.total_steps:
                     run.save(step, metrics, force=True)
@@ -463,9 +464,6 @@ def _agree_on_signal(signum):
 
 
 # ------------------------------------------------------------------------ CLI
-DEBUG_ENV = "SOFT_JAX_DEBUG"  # =1: full tracebacks instead of one-line errors
-
-
 class _Brief(pylogging.Filter):
     """Log records as one short line without the traceback."""
 
@@ -483,24 +481,20 @@ def _brief_library_errors():
     tracebacks; the CLI then names the error itself. --debug leaves everything as it is."""
     seen: set[str] = set()
 
-    def once(kind: type, value: BaseException | None) -> None:
-        line = f"{kind.__name__}: {str(value).splitlines()[0][:200] if str(value) else ''}"
+    def once(value: BaseException) -> None:
+        line = one_line(value)
         if line not in seen:
             seen.add(line)
             print(f"(background) {line}", file=sys.stderr, flush=True)
 
-    loggers, brief = (logging.get_absl_logger(), pylogging.getLogger("asyncio")), _Brief()
     hooks = sys.excepthook, threading.excepthook
-    for logger in loggers:
-        logger.addFilter(brief)
-    sys.excepthook = lambda kind, value, tb: once(kind, value)  # C++ callbacks print here
-    threading.excepthook = lambda a: once(a.exc_type, a.exc_value)
+    sys.excepthook = lambda kind, value, tb: once(value)  # C++ callbacks print here
+    threading.excepthook = lambda a: once(a.exc_value)
     try:
-        yield
+        with filtered(_Brief(), logging.get_absl_logger(), pylogging.getLogger("asyncio")):
+            yield
     finally:
         sys.excepthook, threading.excepthook = hooks
-        for logger in loggers:
-            logger.removeFilter(brief)
 
 
 def _fail(msg: str, code: int) -> None:
@@ -566,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if "-h" in argv or "--help" in argv:
         print(f"{__doc__}\n{values}")
         raise SystemExit(0)
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    debug = "--debug" in argv or debug_requested()
     parse_flags(argv, values, debug)
     debug = debug or values["debug"].value
     level = values["verbosity"].value

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import soft_jax as sj
 from soft_jax.convert import main
@@ -91,3 +92,18 @@ def test_from_gguf_creates_missing_parent_folders(tmp_path, monkeypatch):
     out = tmp_path / "new" / "ckpt"
     assert main(["from-gguf", "--gguf", str(tmp_path / "m.gguf"), "--out", str(out)]) == 0
     assert out.is_dir()
+
+
+def test_every_cli_error_is_one_line_unless_debug_asks(tmp_path, capsys, monkeypatch):
+    from soft_jax.generate import main as generate_main
+
+    for cli in (lambda: main(["to-hf", "--ckpt", str(tmp_path / "nope"), "--out",
+                              str(tmp_path / "o")]),
+                lambda: generate_main(["--ckpt", str(tmp_path / "nope"), "--prompt-ids", "1"])):
+        assert cli() == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        monkeypatch.setenv("SOFT_JAX_DEBUG", "1")
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            cli()
+        monkeypatch.delenv("SOFT_JAX_DEBUG")

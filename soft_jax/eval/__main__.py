@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from soft_jax.cli import apply_overrides
+from soft_jax.cli import apply_overrides, report_error
 from soft_jax.eval.config import TASKS, default_config
 from soft_jax.train_config import load_config_file
 
@@ -65,8 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
         run_eval(cfg)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     return 0
 
 

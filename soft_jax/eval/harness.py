@@ -39,7 +39,7 @@ from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
 from tqdm import tqdm
 
-from soft_jax.cli import add_model_source
+from soft_jax.cli import add_model_source, report_error
 from soft_jax.convert import submodel
 from soft_jax.eval.runner import Model, generate_ids, load_model, resolve_exits
 from soft_jax.exits import check_heads
@@ -321,8 +321,7 @@ def main(argv=None) -> int:
         run_exits(model, exits, tasks, Path(args.output), args.include_path, limit,
                   args.num_fewshot, args.batch_size, args.max_length, args.max_gen_toks)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     print(f"[harness] wrote {Path(args.output) / 'results.md'}")
     return 0
 
