@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # `python bench/compile_time.py` from the repo ro
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import soft_jax as sj  # noqa: E402
-from soft_jax.loss import loss_fn  # noqa: E402
+from soft_jax.train.loss import loss_fn  # noqa: E402
 
 
 def compile_seconds(config: sj.LlamaConfig, batch: dict) -> float:

@@ -38,10 +38,12 @@ import jax.numpy as jnp
 import numpy as np
 
 import soft_jax as sj
-from soft_jax.cli import comma_ints
-from soft_jax.decode import Decoding
-from soft_jax.generation import generate
-from soft_jax.speculative import speculative_generate
+from soft_jax.cli.flags import comma_ints
+from soft_jax.infer.engine import Decoding
+from soft_jax.infer.generate import generate
+from soft_jax.infer.speculative import speculative_generate
+from soft_jax.model.config import PRESETS
+from soft_jax.model.exits import head_kernel
 
 SHAPES = {
     "small-random": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=8,
@@ -53,7 +55,7 @@ CHAT = "What is the capital of France? Answer in one sentence, then name two of 
 Runner = Callable[[list[int]], tuple[list[int], dict]]
 
 
-def load_model(args) -> tuple[sj.LlamaConfig, dict, object | None]:
+def benchmark_model(args) -> tuple[sj.LlamaConfig, dict, object | None]:
     """The benchmarked model and the tokenizer saved with an HF folder (else None): an HF
     folder, a checkpoint or random weights of a preset."""
     exits = {"exits": comma_ints(args.exits)} if args.exits else {}
@@ -61,7 +63,7 @@ def load_model(args) -> tuple[sj.LlamaConfig, dict, object | None]:
         config, params, tokenizer, _ = sj.load_model(
             args.hf or args.ckpt, args.dtype if args.hf else None, tokenizer=bool(args.hf))
         return config.replace(**exits, eos_token_id=None), params, tokenizer
-    shape = {**(SHAPES.get(args.preset) or sj.config.PRESETS[args.preset]), **exits}
+    shape = {**(SHAPES.get(args.preset) or PRESETS[args.preset]), **exits}
     config = sj.LlamaConfig(**{**shape, "param_dtype": args.dtype, "dtype": args.dtype,
                                "eos_token_id": None, "max_position_embeddings": 2048})
     params = jax.jit(sj.init_params, static_argnums=0)(config, jax.random.PRNGKey(args.seed))
@@ -78,7 +80,7 @@ def load_model(args) -> tuple[sj.LlamaConfig, dict, object | None]:
 
 def weight_bytes(config: sj.LlamaConfig, params: dict) -> int:
     """Bytes of weights one full-model token reads: layers, final norm and the head."""
-    head = sj.model.head_kernel(config, params, config.num_layers)
+    head = head_kernel(config, params, config.num_layers)
     return sum(x.nbytes for x in jax.tree.leaves((params["layers"], params["final_norm"]))) + \
         head.size * head.dtype.itemsize
 
@@ -286,7 +288,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", default=None, help="write the rows to this file")
     args = p.parse_args(argv)
 
-    config, params, tokenizer = load_model(args)
+    config, params, tokenizer = benchmark_model(args)
     L = config.num_layers
     early = [e for e in config.resolved_exits if e < L]
     drafts = list(comma_ints(args.draft_exits) or early)
@@ -298,7 +300,7 @@ def main(argv=None) -> list[dict]:
     rows = soft_jax_rows(config, params, args.new_tokens, drafts, args)
     with tempfile.TemporaryDirectory() as tmp:
         if not args.no_transformers:
-            folder = args.hf or sj.convert.save_hf(config, params, Path(tmp) / "hf",
+            folder = args.hf or sj.save_hf(config, params, Path(tmp) / "hf",
                                                    dtype=args.dtype)
             rows += transformers_rows(folder, args.dtype, args.new_tokens, drafts)
         result = measure(rows, prompts, args.repeats, weight_bytes(config, params),

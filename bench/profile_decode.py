@@ -19,8 +19,8 @@ import tempfile
 import jax
 
 import soft_jax as sj
-from soft_jax.cli import comma_ints
-from soft_jax.generation import generate
+from soft_jax.cli.flags import comma_ints
+from soft_jax.infer.generate import generate
 
 CONTROL = ("while", "cond", "conditional", "ThunkExecutor", "call")
 

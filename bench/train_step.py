@@ -86,13 +86,13 @@ def run_variant(args, variant: str) -> dict:
     import numpy as np
     import optax
 
-    from soft_jax.chunked_loss import default_chunk_tokens
-    from soft_jax.cli import comma_ints
-    from soft_jax.config import preset
-    from soft_jax.layers import attention_impl
-    from soft_jax.loss import loss_fn, resolve_loss_impl
-    from soft_jax.model import init_params
-    from soft_jax.train_config import train_exits
+    from soft_jax.train.chunked_loss import default_chunk_tokens
+    from soft_jax.cli.flags import comma_ints
+    from soft_jax.model.config import preset
+    from soft_jax.model.layers import attention_impl
+    from soft_jax.train.loss import loss_fn, resolve_loss_impl
+    from soft_jax.model.transformer import init_params
+    from soft_jax.train.modes import train_exits
 
     kind, impl = variant.split("/")
     overrides = dict(dtype=args.dtype, param_dtype=args.param_dtype, remat_policy=args.remat)
@@ -215,7 +215,7 @@ def report(args, rows: dict[str, dict]) -> str:
 
 def main(argv=None) -> None:
     """Run the variants (one subprocess each unless --in-process) and print the report."""
-    from soft_jax.config import REMAT_POLICIES
+    from soft_jax.model.config import REMAT_POLICIES
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

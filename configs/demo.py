@@ -1,7 +1,7 @@
 """The embedded default (README's first command): SoFT vs SFT of a small random-init LLaMA on
 the packaged GSM8K demo split (1119 train / 200 held-out problems), sized for a 2-core CPU."""
 
-from soft_jax.train_config import default_config
+from soft_jax.train.run_config import default_config
 
 
 def get_config():

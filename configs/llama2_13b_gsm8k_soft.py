@@ -1,6 +1,6 @@
-"""The paper's recipe: LLaMA-2 13B, gsm8k, mode soft (see soft_jax.train_config.paper_recipe)."""
+"""The paper's recipe: LLaMA-2 13B, gsm8k, mode soft (see soft_jax.train.run_config.paper_recipe)."""
 
-from soft_jax.train_config import paper_recipe
+from soft_jax.train.run_config import paper_recipe
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The 'small' shape (8 layers, hidden 512, vocab 32000 rows) on the GSM8K demo split, CPU-sized."""
 
-from soft_jax.train_config import default_config
+from soft_jax.train.run_config import default_config
 
 
 def get_config():

@@ -2,11 +2,11 @@
 
 `model.init_from` is the hub name (fetched once); offline, point it at a Hugging Face folder
 of the model instead (see README: "Training"):
-    python -m soft_jax.train --config configs/smollm2_gsm8k_soft.py \
+    soft-jax train --config configs/smollm2_gsm8k_soft.py \
         --config.model.init_from=/path/to/smollm2-hf
 """
 
-from soft_jax.train_config import default_config
+from soft_jax.train.run_config import default_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """Tiny random-init SoFT run on the packaged GSM8K demo split: trains on CPU in seconds."""
 
-from soft_jax.train_config import default_config
+from soft_jax.train.run_config import default_config
 
 
 def get_config():

@@ -3,10 +3,10 @@
 through jax.distributed (process 0 hosts the coordinator on localhost).
 
     python launch/local.py --num-processes 2 --devices-per-process 4 --platform cpu -- \\
-        python -m soft_jax.train --config configs/tiny.py --config.mesh.fsdp=8
+        python -m soft_jax train --config configs/tiny.py --config.mesh.fsdp=8
 
 Every process gets SOFT_JAX_COORDINATOR=localhost:PORT, SOFT_JAX_NUM_PROCESSES=N and its
-SOFT_JAX_PROCESS_ID (read by soft_jax/distributed.py). `--platform cpu` also sets
+SOFT_JAX_PROCESS_ID (read by soft_jax/parallel/distributed.py). `--platform cpu` also sets
 JAX_PLATFORMS=cpu and --xla_force_host_platform_device_count (fake devices, CPU collectives
 over gloo); `--platform gpu` gives each process its own CUDA_VISIBLE_DEVICES slice.
 `--dry-run` prints the exact command lines (with their environment) and starts nothing.

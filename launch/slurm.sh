@@ -6,12 +6,12 @@
 #   SOFT_JAX_NUM_PROCESSES = $SLURM_NTASKS
 #   SOFT_JAX_PROCESS_ID    = $SLURM_PROCID (set per task by srun)
 #   SOFT_JAX_LOCAL_DEVICE_IDS = $SLURM_LOCALID (per GPU) or 0..G-1 (per node)
-# (soft_jax/distributed.py reads these; without them it falls back to jax's own SLURM
+# (soft_jax/parallel/distributed.py reads these; without them it falls back to jax's own SLURM
 # detection.) The work dir must be on a filesystem every node sees: all processes write
 # their shards of each checkpoint there.
 #
 # Usage:
-#   launch/slurm.sh [options] -- python -m soft_jax.train --config configs/x.py [--config.k=v]
+#   launch/slurm.sh [options] -- python -m soft_jax train --config configs/x.py [--config.k=v]
 # Options:
 #   --nodes N            nodes (default 2)
 #   --gpus-per-node G    GPUs per node (default 8)

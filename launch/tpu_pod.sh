@@ -3,7 +3,7 @@
 # repository to every host, install it, and start the same command on every host at once
 # (`gcloud compute tpus tpu-vm ssh --worker=all`). On a pod, jax.distributed.initialize()
 # finds the coordinator (worker 0) and each host's process id from the TPU metadata;
-# SOFT_JAX_DISTRIBUTED=1 makes soft_jax call it (soft_jax/distributed.py).
+# SOFT_JAX_DISTRIBUTED=1 makes soft_jax call it (soft_jax/parallel/distributed.py).
 # With --num-slices N > 1 (multi-slice over DCN) the slices are created as one queued
 # resource NAME with nodes NAME-0..NAME-(N-1); add e.g. --config.mesh.dcn_data=N to the
 # command so the data axis spans the slices.
@@ -11,7 +11,7 @@
 # writes its shards of each checkpoint there.
 #
 # Usage:
-#   launch/tpu_pod.sh --name NAME --zone ZONE [options] -- python -m soft_jax.train --config X
+#   launch/tpu_pod.sh --name NAME --zone ZONE [options] -- python -m soft_jax train --config X
 # Options:
 #   --project P            gcloud project (default: gcloud's configured one)
 #   --create               create the TPU VM first (needs --accelerator and --version)

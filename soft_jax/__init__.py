@@ -1,21 +1,27 @@
 """soft_jax: Sorted Fine-Tuning (SoFT) of LLaMA-family models in JAX/Flax.
 
-The exports and submodules load on first use, so `python -m soft_jax.convert|generate|train|...`
-runs a module that is not imported yet (no runpy warning) and `import soft_jax` stays cheap.
+The public API is a handful of functions, loaded on first use so that `import soft_jax`
+stays cheap (the `soft-jax` command imports only the wing its subcommand needs):
+
+    import soft_jax as sj
+    sj.load_hf, sj.save_hf, sj.load_model, sj.exit_logits, sj.exit_loss, sj.generate, ...
+
+The wings, each a subpackage whose imports only point down this list:
+utils, parallel, model, data, io, train, infer, eval, reproduce, and cli (the commands).
 """
 
 import importlib
 
-_EXPORTS = {"LlamaConfig": "config", "preset": "config", "load_hf": "convert",
-            "save_hf": "convert", "exit_loss": "loss", "exit_logits": "model",
-            "exit_hidden_states": "model", "init_params": "model", "generate": "generation",
-            "load_model": "loading"}
+_EXPORTS = {"LlamaConfig": "model.config", "preset": "model.config", "load_hf": "io.hf",
+            "save_hf": "io.hf", "exit_loss": "train.loss", "exit_logits": "model.transformer",
+            "exit_hidden_states": "model.transformer", "init_params": "model.transformer",
+            "generate": "infer.generate", "load_model": "io.loading"}
 
 __all__ = [*_EXPORTS, "eval"]
 
 
 def __getattr__(name: str):
-    """An export (soft_jax.generate is the function) or a submodule, imported on first use."""
+    """An export (soft_jax.generate is the function) or a wing, imported on first use."""
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     try:

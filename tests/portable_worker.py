@@ -19,7 +19,7 @@ def flat(params) -> dict[str, np.ndarray]:
 
 
 def tiny_config(workdir: str, fsdp: int = 1):
-    from soft_jax.train_config import default_config
+    from soft_jax.train.run_config import default_config
 
     c = default_config()
     c.workdir = workdir
@@ -36,7 +36,7 @@ def train_and_dump(workdir: str, fsdp: int) -> None:
     import jax
     from jax.experimental import multihost_utils
 
-    from soft_jax.train import train
+    from soft_jax.train.loop import train
 
     r = train(tiny_config(workdir, fsdp))
     params = multihost_utils.process_allgather(r["params"], tiled=True)
@@ -51,12 +51,12 @@ def consume(kind: str, out: str, workdirs: list[str]) -> None:
     got = {}
     for i, w in enumerate(workdirs):
         if kind == "eval":
-            from soft_jax.eval.runner import load_model
+            from soft_jax.eval.runner import open_model
 
-            params = load_model(ckpt=w).params
+            params = open_model({"ckpt": w}, "model", "config").params
         else:  # a new run starting from the work dir's checkpoint
-            from soft_jax import sharding as shd
-            from soft_jax.train import build_model
+            from soft_jax.parallel import sharding as shd
+            from soft_jax.train.loop import build_model
 
             c = tiny_config(w + "-next")
             c.model.init_from = w

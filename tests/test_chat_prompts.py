@@ -4,10 +4,10 @@
 import numpy as np
 import pytest
 
-from soft_jax import data as D
-from soft_jax.eval import runner
-from soft_jax.generate import prompt_ids_for
-from soft_jax.tokenizer import train_bpe
+from soft_jax.data import formats as D
+from soft_jax.eval import prompting as runner
+from soft_jax.data.formats import prompt_ids_for
+from soft_jax.data.tokenizer import train_bpe
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from soft_jax.chunked_loss import default_chunk_tokens
-from soft_jax.loss import (chunked_exit_loss_from_hidden, exit_loss_from_hidden, loss_fn,
+from soft_jax.train.chunked_loss import default_chunk_tokens
+from soft_jax.train.loss import (chunked_exit_loss_from_hidden, exit_loss_from_hidden, loss_fn,
                            resolve_loss_impl)
 
 BASE = sj.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4,
@@ -199,7 +199,7 @@ def test_weights_override_is_differentiable_in_every_impl():
     import numpy as np
 
     import soft_jax as sj
-    from soft_jax.loss import loss_fn
+    from soft_jax.train.loss import loss_fn
 
     cfg = sj.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=32, num_layers=3,
                          num_heads=2, num_kv_heads=1, exits=(1, 2))

@@ -1,10 +1,10 @@
-"""soft_jax.cli: the shared `--config.a.b=value` overrides on the training schema (floats,
+"""soft_jax.cli.flags: the shared `--config.a.b=value` overrides on the training schema (floats,
 bools, nested tuples, bare comma lists) and their one-line errors."""
 
 import pytest
 
-from soft_jax.cli import apply_overrides
-from soft_jax.train_config import default_config
+from soft_jax.cli.flags import apply_overrides
+from soft_jax.train.run_config import default_config
 
 
 def test_overrides_on_the_train_schema():

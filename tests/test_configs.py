@@ -5,9 +5,12 @@ from pathlib import Path
 
 import pytest
 
-from soft_jax.config import normalize_exits, preset
+from soft_jax.model.config import preset
+from soft_jax.model.layer_counts import normalize_exits
 from soft_jax.eval.config import validate as validate_eval
-from soft_jax.train_config import exit_heads_for, load_config_file, validate
+from soft_jax.train.run_config import validate
+from soft_jax.utils.config_file import load_config_file
+from soft_jax.train.modes import exit_heads_for
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = sorted((ROOT / "configs").glob("*.py"))

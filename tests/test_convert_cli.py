@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from soft_jax.convert import main
+from soft_jax.cli.convert import main
 
 
 def test_cli_round_trip_with_exit_and_tokenizer(hf_model_factory, tmp_path):
@@ -81,7 +81,7 @@ def test_from_gguf_errors_are_clear(tmp_path, capsys, monkeypatch):
 
 def test_from_gguf_creates_missing_parent_folders(tmp_path, monkeypatch):
     # README's `--out ckpt/smollm2` on a fresh checkout: ckpt/ does not exist yet.
-    import soft_jax.convert as convert
+    import soft_jax.cli.convert as convert
 
     def fake(src, out, *rest):
         Path(out).mkdir(parents=True)
@@ -95,7 +95,7 @@ def test_from_gguf_creates_missing_parent_folders(tmp_path, monkeypatch):
 
 
 def test_every_cli_error_is_one_line_unless_debug_asks(tmp_path, capsys, monkeypatch):
-    from soft_jax.generate import main as generate_main
+    from soft_jax.cli.generate import main as generate_main
 
     for cli in (lambda: main(["to-hf", "--ckpt", str(tmp_path / "nope"), "--out",
                               str(tmp_path / "o")]),

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from soft_jax import data as D
-from soft_jax.tokenizer import train_bpe
+from soft_jax.data import formats as D
+from soft_jax.data.tokenizer import train_bpe
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from soft_jax.eval import (extract_gsm8k_answer, lm_eval_gsm8k, normalize_trivia
                            triviaqa_exact_match)
 from soft_jax.eval import pairwise as pw
 from soft_jax.eval import sortedness as srt
-from soft_jax.eval.__main__ import load_config_file, main, parse_args
+from soft_jax.cli.eval import main, parse_args
+from soft_jax.utils.config_file import load_config_file
 from soft_jax.eval.config import TASKS, default_config, validate
 from soft_jax.eval.report import pairwise_figure
 from soft_jax.eval.runner import run_eval
@@ -222,7 +223,7 @@ def test_pandalm_prompt_format():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Two tiny random HF LLaMA folders sharing a small BPE tokenizer trained on GSM8K."""
-    from soft_jax.tokenizer import train_bpe
+    from soft_jax.data.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("eval")
     rows = [json.loads(x) for x in GSM8K_FILE.read_text().splitlines()[:40]]
@@ -463,7 +464,7 @@ def test_nested_overrides_typed_by_the_schema():
 
 def test_cli_unknown_nested_field_is_one_line_exit_2():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "soft_jax.eval", "--hf", "x",
+    r = subprocess.run([sys.executable, "-m", "soft_jax", "eval", "--hf", "x",
                         "--config.gsm8k.nope=1"], capture_output=True, text=True, env=env,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 2

@@ -9,7 +9,8 @@ import pytest
 from lm_eval.api.instance import Instance
 
 import soft_jax as sj
-from soft_jax.eval.harness import SoftJaxLM, main
+from soft_jax.cli.harness import main
+from soft_jax.eval.harness import SoftJaxLM
 from soft_jax.eval.harness_tasks import gsm8k_test_file
 
 from conftest import make_hf_model
@@ -22,7 +23,7 @@ def tiny(tmp_path_factory):
     """A 3-layer random HF LLaMA folder with a GSM8K-trained BPE that prepends <s>."""
     from tokenizers import processors
 
-    from soft_jax.tokenizer import train_bpe
+    from soft_jax.data.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("harness")
     rows = [json.loads(x) for x in gsm8k_test_file().read_text().splitlines()[:40]]

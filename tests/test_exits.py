@@ -1,14 +1,14 @@
-"""soft_jax.exits: layer counts, the exits to compute, and which head serves each exit."""
+"""soft_jax.model.exits: layer counts, the exits to compute, and which head serves each exit."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from soft_jax.config import preset
-from soft_jax.exits import (check_heads, head_index, head_kernel, head_table, layer_count,
-                            normalize_exits, uses_shared_head, with_last)
-from soft_jax.layers import DecoderLayer, rope_tables
+from soft_jax.model.config import preset
+from soft_jax.model.exits import check_heads, head_index, head_kernel, head_table, uses_shared_head, with_last
+from soft_jax.model.layer_counts import layer_count, normalize_exits
+from soft_jax.model.layers import DecoderLayer, rope_tables
 
 
 def test_layer_count_accepts_layer_counts_and_names_the_field():

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from soft_jax import decode, dynamic
-from soft_jax.dynamic import PAPER_THRESHOLDS, default_thresholds
-import soft_jax.generate as cli
-from soft_jax.generate import main
-from soft_jax.generation import Generation, generate
-from soft_jax.speculative import accept_drafts, spec_loop
+from soft_jax.infer import dynamic
+from soft_jax.infer import engine as decode
+from soft_jax.infer.dynamic import PAPER_THRESHOLDS, default_thresholds
+import soft_jax.cli.generate as cli
+from soft_jax.cli.generate import main
+from soft_jax.infer.generate import Generation, generate
+from soft_jax.infer.speculative import accept_drafts, spec_loop
 
 SHAPES = {  # GQA + untied head; MHA + explicit head_dim + tied embeddings
     "gqa": dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4,
@@ -112,7 +113,7 @@ def test_on_device_speculation_equals_greedy_for_prompts_stops_and_exits():
 
 @pytest.mark.parametrize("k", [None, 2])
 def test_host_driven_rounds_equal_the_device_loop(k):
-    from soft_jax.speculative import speculative_generate
+    from soft_jax.infer.speculative import speculative_generate
 
     cfg, params = model("gqa", 0)
     s = decode.Decoding(N, stop_ids=(generate(cfg, params, PROMPT, N).tokens[0][6],))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import soft_jax as sj
-from soft_jax.convert import ConversionError, read_safetensors
+from soft_jax.io.hf import ConversionError, read_safetensors
 
 SHAPES = [
     dict(),  # GQA, untied

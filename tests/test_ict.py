@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from soft_jax.checkpoint import save_params
-from soft_jax.convert import main as convert_main
-from soft_jax.convert import submodel
-from soft_jax.generation import generate
+from soft_jax.io.checkpoint import save_params
+from soft_jax.cli.convert import main as convert_main
+from soft_jax.io.hf import submodel
+from soft_jax.infer.generate import generate
 
 PROMPT, N = [5, 7, 9, 11, 3], 8
 

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
-TRAIN = ["python", "-m", "soft_jax.train", "--config", "configs/llama2_13b_alpaca_soft.py",
+TRAIN = ["python", "-m", "soft_jax", "train", "--config", "configs/llama2_13b_alpaca_soft.py",
          "--config.mesh.fsdp=-1", "--config.workdir=/shared/runs/it's a run"]
 
 
@@ -110,7 +110,7 @@ def _stub(directory: Path, name: str, body: str) -> None:
 
 
 def test_slurm_batch_script_gives_each_task_its_distributed_env(tmp_path):
-    from soft_jax.distributed import detect
+    from soft_jax.parallel.distributed import detect
 
     out = run([LAUNCH / "slurm.sh", "--dry-run", "--nodes", "2", "--gpus-per-node", "2",
                "--port", "4242", "--", sys.executable, "-c",
@@ -172,7 +172,7 @@ def test_tpu_dry_run_prints_exact_gcloud_commands():
 
 def test_tpu_multislice_and_real_run_calls_gcloud_exactly_as_printed(tmp_path):
     args = ["--name", "ms", "--zone", "z", "--num-slices", "2", "--no-install", "--",
-            "python", "-m", "soft_jax.train", "--config.mesh.dcn_data=2"]
+            "python", "-m", "soft_jax", "train", "--config.mesh.dcn_data=2"]
     dry = run([LAUNCH / "tpu_pod.sh", "--dry-run", "--create", *args]).stdout
     printed = [ln for ln in dry.splitlines() if not ln.startswith("#")]
     assert printed[0] == ("gcloud compute tpus queued-resources create ms --zone=z "
@@ -191,7 +191,7 @@ def test_tpu_multislice_and_real_run_calls_gcloud_exactly_as_printed(tmp_path):
 
 
 def detect_tpu_env():
-    from soft_jax.distributed import detect
+    from soft_jax.parallel.distributed import detect
 
     return (detect(None, {"SOFT_JAX_DISTRIBUTED": "1"}).source == "forced"
             and detect(None, {"TPU_WORKER_HOSTNAMES": "w0,w1"}).source == "tpu")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from soft_jax import sharding as shd
-from soft_jax.checkpoint import save_params
-from soft_jax.loading import TokenizerError, load_model
+from soft_jax.parallel import sharding as shd
+from soft_jax.io.checkpoint import save_params
+from soft_jax.io.loading import TokenizerError, load_model
 
 CFG = sj.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=3,
                      num_heads=2, num_kv_heads=1, head_dim=8, exits=(1, 2))

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from soft_jax.config import REMAT_POLICIES, preset
-from soft_jax.memory import GiB, main, parse_mesh, plan
+from soft_jax.model.config import REMAT_POLICIES, preset
+from soft_jax.cli.memory import main
+from soft_jax.train.memory import GiB, parse_mesh, plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,12 +90,12 @@ def _compiled_worker(out: Path) -> None:
     import jax
     import jax.numpy as jnp
 
-    from soft_jax import sharding as shd
-    from soft_jax.memory import BATCH_KEYS
-    from soft_jax.model import init_params
-    from soft_jax.train import (abstract_state, make_optimizer, make_partitioning,
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.train.memory import BATCH_KEYS
+    from soft_jax.model.transformer import init_params
+    from soft_jax.train.loop import (StepSettings, abstract_state, make_optimizer, make_partitioning,
                                 make_train_step, trainable_keys)
-    from soft_jax.train_config import default_config
+    from soft_jax.train.run_config import default_config
 
     cfg = default_config()
     mesh_sizes = {"data": 1, "fsdp": 4, "tensor": 2}
@@ -112,7 +113,7 @@ def _compiled_worker(out: Path) -> None:
         init = lambda k, c=config: init_params(c, k)  # noqa: E731
         params = jax.jit(init, out_shardings=part.state.params)(jax.random.PRNGKey(0))
         shard_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))
-        step = make_train_step(config, cfg, tx, schedule, keys, part)
+        step = make_train_step(config, StepSettings.from_config(cfg), tx, schedule, keys, part)
         batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32)
                  for k in BATCH_KEYS}
         ma = step.lower(ab, batch).compile().memory_analysis()

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from soft_jax.config import REMAT_POLICIES
-from soft_jax.loss import loss_fn
-from soft_jax.model import attention_mask, exit_hidden_states
+from soft_jax.model.config import REMAT_POLICIES
+from soft_jax.train.loss import loss_fn
+from soft_jax.model.transformer import attention_mask, exit_hidden_states
 
 CFG = sj.LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=80, num_layers=6,
                      num_heads=4, num_kv_heads=2, exits=(1, 4))
@@ -98,8 +98,8 @@ def test_config_errors_name_the_field():
 
 def test_remat_tables_name_real_activations():
     # every tag a policy saves is a checkpoint_name of the layer, and every tag is saved by one
-    from soft_jax.config import REMAT_SAVES
-    from soft_jax.layers import DecoderLayer, rope_tables
+    from soft_jax.model.config import REMAT_SAVES
+    from soft_jax.model.layers import DecoderLayer, rope_tables
 
     params = sj.init_params(CFG, jax.random.PRNGKey(0))["layers"]
     layer0 = jax.tree.map(lambda p: p[0], params)
@@ -110,5 +110,6 @@ def test_remat_tables_name_real_activations():
     tags = {e.params["name"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "name"}
     saved = {t for names in REMAT_SAVES.values() if names for t in names}
     assert saved == tags, (saved, tags)
-    # the old name still loads (model_config.json of earlier runs)
-    assert CFG.replace(remat_policy="save_mlp_out").remat_policy == "save_qkv_out_gate_up"
+    # the old alias is gone: it is refused by name like any unknown policy
+    with pytest.raises(ValueError, match="remat_policy='save_mlp_out'"):
+        CFG.replace(remat_policy="save_mlp_out")

@@ -36,10 +36,10 @@ def workdirs(tmp_path_factory):
 
 
 def test_convert_to_hf_on_one_device(workdirs, tmp_path):
-    from soft_jax.convert import load_hf
+    from soft_jax.io.hf import load_hf
 
     for name, (wd, want) in workdirs.items():
-        run([sys.executable, "-m", "soft_jax.convert", "to-hf", "--ckpt", wd,
+        run([sys.executable, "-m", "soft_jax", "convert", "to-hf", "--ckpt", wd,
              "--out", tmp_path / name])
         _, params = load_hf(tmp_path / name)
         assert_same(params, want)
@@ -49,10 +49,10 @@ def test_generate_on_one_device(workdirs):
     import jax
 
     import soft_jax as sj
-    from soft_jax.checkpoint import read_model_config, resolve_checkpoint
+    from soft_jax.io.checkpoint import read_model_config, resolve_checkpoint
 
     for wd, want in workdirs.values():
-        out = run([sys.executable, "-m", "soft_jax.generate", "--ckpt", wd, "--prompt-ids",
+        out = run([sys.executable, "-m", "soft_jax", "generate", "--ckpt", wd, "--prompt-ids",
                    "5,6,7", "--max-new-tokens", "4"]).stdout.splitlines()[-1]
         config = read_model_config(resolve_checkpoint(wd))
         params = jax.tree_util.tree_map_with_path(

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from soft_jax import data as data_lib
-from soft_jax.checkpoint import (CheckpointError, NonFiniteParamsError, TrainCheckpoints,
+from soft_jax.data import formats as data_lib
+from soft_jax.io.checkpoint import (CheckpointError, NonFiniteParamsError, TrainCheckpoints,
                                  load_params, save_params)
-from soft_jax.train import TrainingDiverged, check_targets, train
-from soft_jax.train_config import validate
+from soft_jax.train.loop import TrainingDiverged, check_targets, train
+from soft_jax.train.run_config import validate
 from test_train import small_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_nonfinite_params_are_not_saved_and_not_converted(tmp_path):
     assert ck.latest_step() is None
     ck.close()
     save_params(tmp_path / "nan", config, bad)
-    from soft_jax.convert import main
+    from soft_jax.cli.convert import main
 
     assert main(["to-hf", "--ckpt", str(tmp_path / "nan"), "--out", str(tmp_path / "a")]) == 2
     assert not (tmp_path / "a").exists()
@@ -125,7 +125,7 @@ def test_resume_rejects_changes_allows_growth_and_says_when_done(run8, tmp_path,
 
 def test_readme_sequence_uses_its_own_work_dirs():
     lines = [ln for ln in (ROOT / "README.md").read_text().splitlines()
-             if "soft_jax.train --config configs/tiny.py" in ln and "--config.mode=" in ln]
+             if "soft-jax train --config configs/tiny.py" in ln and "--config.mode=" in ln]
     assert lines and all("--config.workdir=" in ln for ln in lines)
 
 
@@ -140,7 +140,7 @@ def test_exit_weights_pair_with_exits_as_written():
     with pytest.raises(ValueError, match="exit_weights has 1 entries but exits=\\(4, 2\\)"):
         sj.preset("tiny", exits=(4, 2), exit_weights=(1.0,))
     c = small_config("/tmp/unused", exits=(3, 1), exit_weights=(1.0, 0.0, 0.0))
-    from soft_jax.train import build_model
+    from soft_jax.train.loop import build_model
 
     config, _ = build_model(c, 400)
     assert config.exits == (1, 3, 4) and config.exit_weights == (0.0, 1.0, 0.0)
@@ -149,7 +149,7 @@ def test_exit_weights_pair_with_exits_as_written():
 
 
 def test_build_model_with_fewer_layers_than_the_presets_exits():
-    from soft_jax.train import build_model, preset_config
+    from soft_jax.train.loop import build_model, preset_config
 
     c = small_config("/tmp/unused", exits=(1,))
     c.model.overrides.num_layers = 2  # tiny's own exits are (2, 3, 4)
@@ -214,7 +214,7 @@ def test_token_checks_on_concrete_inputs_only():
     with pytest.raises(ValueError, match="targets holds 1 value"):
         sj.exit_loss(config, params, {"input_ids": ids, "targets": np.array([[-1, 1, 1, 1]])})
     sj.exit_loss(config, params, {"input_ids": ids, "targets": np.array([[-100, 1, 1, 1]])})
-    from soft_jax.metrics import per_exit_metrics
+    from soft_jax.train.heldout import per_exit_metrics
 
     with pytest.raises(ValueError, match="targets holds"):
         per_exit_metrics(config, params, [{"input_ids": ids, "targets": ids * 600}])
@@ -236,12 +236,12 @@ def test_generate_position_limit_and_dynamic_without_exits():
 
 def test_train_cli_one_line_errors():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "soft_jax.train", "--config", "configs/tiny.py",
+    p = subprocess.run([sys.executable, "-m", "soft_jax", "train", "--config", "configs/tiny.py",
                         "--config.optimzer.lr=1", "--config.data.source=nope.jsonl"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "unknown config field 'optimzer.lr'" in p.stderr
+    assert p.returncode == 2 and "unknown config field config.optimzer.lr" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
-    p = subprocess.run([sys.executable, "-m", "soft_jax.train", "--config", "configs/tiny.py",
+    p = subprocess.run([sys.executable, "-m", "soft_jax", "train", "--config", "configs/tiny.py",
                         "--config.data.source=nope.jsonl", "--config.workdir=/tmp/_nope"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith(
@@ -250,7 +250,7 @@ def test_train_cli_one_line_errors():
 
 
 def test_train_main_is_callable_from_python(tmp_path, capsys):
-    from soft_jax.train import main
+    from soft_jax.cli.train import main
 
     args = ["--config", str(ROOT / "configs/tiny.py"), f"--config.workdir={tmp_path / 'm'}",
             "--config.total_steps=2", "--config.log_every=1", "--config.batch_size=2",
@@ -289,12 +289,12 @@ def test_background_save_failures_print_short_lines_once(capsys, caplog):
 
     from absl import logging
 
-    from soft_jax.train import _brief_library_errors
+    from soft_jax.cli.train import brief_library_errors
 
     def fail():
         raise OSError("No space left on device\ndetails")
 
-    with _brief_library_errors():
+    with brief_library_errors():
         try:
             fail()
         except OSError:

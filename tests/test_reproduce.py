@@ -7,7 +7,8 @@ import os
 import threading
 import time
 
-from soft_jax import reproduce as R
+from soft_jax.cli.reproduce import main as reproduce_main
+from soft_jax.reproduce import stages as R
 
 
 def test_cached_runs_once_and_takes_over_a_stale_lock(tmp_path):
@@ -39,7 +40,7 @@ def test_cached_waits_for_a_stage_another_process_runs(tmp_path, monkeypatch):
 
 
 def test_report_only_lists_every_stage_not_done(tmp_path):
-    R.main(["--out", str(tmp_path), "--report-only"])
+    reproduce_main(["--out", str(tmp_path), "--report-only"])
     text = (tmp_path / "report.md").read_text()
     assert "train sft, train soft, eval base loss" in text and "eval ict sortedness" in text
     assert not (tmp_path / "sft").exists()  # nothing was run

@@ -42,7 +42,7 @@ def test_compile_time_bench_times_both_stacks(capsys):
 def tiny_demo_config(tmp_path):
     path = tmp_path / "demo_tiny.py"
     path.write_text(
-        "from soft_jax.train_config import default_config\n\n\n"
+        "from soft_jax.train.run_config import default_config\n\n\n"
         "def get_config():\n"
         "    c = default_config()\n"
         "    c.model.overrides = {'vocab_size': 0, 'hidden_size': 16, 'intermediate_size': 32,\n"
@@ -56,7 +56,7 @@ def tiny_demo_config(tmp_path):
 
 
 def test_demo_runs_soft_and_sft_and_writes_its_report(tiny_demo_config, tmp_path):
-    from soft_jax.demo import main
+    from soft_jax.cli.demo import main
 
     summary = main(["--config", str(tiny_demo_config), "--steps", "1", "--out",
                     str(tmp_path / "demo")])

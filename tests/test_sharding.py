@@ -42,7 +42,7 @@ def _run(args, env_extra, timeout=600):
 def test_rules_fall_back_to_replication_when_a_dim_does_not_divide():
     from jax.sharding import PartitionSpec as P
 
-    from soft_jax.sharding import logical_to_spec, make_rules
+    from soft_jax.parallel.sharding import logical_to_spec, make_rules
 
     mesh = {"data": 1, "fsdp": 2, "tensor": 4}
     # 2 kv heads on tensor=4: replicated on that dim, no crash
@@ -72,9 +72,9 @@ def test_every_param_and_adam_moment_has_logical_axes():
     import jax
     import optax
 
-    from soft_jax.config import preset
-    from soft_jax.model import init_params
-    from soft_jax.sharding import logical_axes_for_path, tree_specs
+    from soft_jax.model.config import preset
+    from soft_jax.model.transformer import init_params
+    from soft_jax.parallel.sharding import logical_axes_for_path, tree_specs
 
     config = preset("tiny", num_exit_heads=2)  # ICT heads too
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
@@ -101,7 +101,7 @@ def test_every_param_and_adam_moment_has_logical_axes():
 
 
 def test_mesh_sizes_resolve_and_errors_name_the_problem():
-    from soft_jax.sharding import resolve_mesh_shape
+    from soft_jax.parallel.sharding import resolve_mesh_shape
 
     assert resolve_mesh_shape({"data": -1}, 8).sizes == {"data": 8, "fsdp": 1, "tensor": 1}
     assert resolve_mesh_shape({"data": 1, "fsdp": -1, "tensor": 2}, 8).sizes == {
@@ -119,7 +119,7 @@ def test_mesh_sizes_resolve_and_errors_name_the_problem():
 
 
 def test_distributed_settings_come_from_config_or_environment():
-    from soft_jax.distributed import detect
+    from soft_jax.parallel.distributed import detect
 
     assert detect(None, {}).source == "single"
     env = {"SOFT_JAX_COORDINATOR": "10.0.0.1:1234", "SOFT_JAX_NUM_PROCESSES": "4",
@@ -146,7 +146,7 @@ def test_distributed_settings_come_from_config_or_environment():
 
 # ------------------------------------------------------------------ 8 fake devices
 def _tiny(num_layers=4):
-    from soft_jax.config import preset
+    from soft_jax.model.config import preset
 
     return preset("tiny", vocab_size=128, hidden_size=32, intermediate_size=64,
                   num_layers=num_layers, num_heads=4, num_kv_heads=2,
@@ -180,12 +180,12 @@ def mesh_worker(out: Path) -> None:
     import jax
     import jax.numpy as jnp
 
-    from soft_jax import sharding as shd
-    from soft_jax.checkpoint import TrainCheckpoints, load_params
-    from soft_jax.model import init_params
-    from soft_jax.train import (TrainState, abstract_state, make_optimizer, make_partitioning,
-                                make_train_step, trainable_keys)
-    from soft_jax.train_config import default_config
+    from soft_jax.parallel import sharding as shd
+    from soft_jax.io.checkpoint import TrainCheckpoints, load_params
+    from soft_jax.model.transformer import init_params
+    from soft_jax.train.loop import (StepSettings, TrainState, abstract_state, make_optimizer,
+                                     make_partitioning, make_train_step, trainable_keys)
+    from soft_jax.train.run_config import default_config
 
     assert jax.device_count() == 8
     cfg = default_config()
@@ -204,7 +204,7 @@ def mesh_worker(out: Path) -> None:
         params = shd.place(params0, part.state.params)
         state = TrainState(jax.device_put(jnp.int32(0), part.state.step), params,
                            jax.jit(tx.init, out_shardings=part.state.opt_state)(params))
-        step = make_train_step(config, cfg, tx, schedule, keys, part)
+        step = make_train_step(config, StepSettings.from_config(cfg), tx, schedule, keys, part)
         losses, gnorms = [], []
         for b in batches:
             gb = shd.global_batch(lambda lo, hi, b=b: {k: v[lo:hi] for k, v in b.items()},
@@ -336,7 +336,7 @@ def _text_rows(path: Path, n=48):
 
 
 def _two_proc_config(workdir: Path, data_file: Path, steps: int, **mesh):
-    from soft_jax.train_config import default_config
+    from soft_jax.train.run_config import default_config
 
     c = default_config()
     c.workdir = str(workdir)
@@ -362,7 +362,7 @@ def train_worker(out: Path) -> None:
     import jax
     from jax.experimental import multihost_utils
 
-    from soft_jax.train import train
+    from soft_jax.train.loop import train
 
     data = out / "data.jsonl"
     if "SOFT_JAX_NUM_PROCESSES" not in os.environ:  # not started by the launcher

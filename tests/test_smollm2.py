@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import soft_jax as sj
-from soft_jax.checkpoint import load_params
-from soft_jax.convert import main
+from soft_jax.io.checkpoint import load_params
+from soft_jax.cli.convert import main
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def converted(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from soft_jax.reproduce import default_gguf
+    from soft_jax.reproduce.stages import default_gguf
 
     gguf = default_gguf()
     if not gguf.is_file():
@@ -45,7 +45,7 @@ def test_exit_logits_match_transformers(converted):
 
 
 def test_greedy_chat_generation_matches_transformers(converted):
-    from soft_jax.generate import prompt_ids_for
+    from soft_jax.data.formats import prompt_ids_for
 
     config, params, model, tok = converted
     ids = prompt_ids_for(tok, "What is 7 times 8? Answer briefly.", chat=True)

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from soft_jax.checkpoint import TrainCheckpoints, load_params
-from soft_jax.train import train
-from soft_jax.train_config import default_config, validate
+from soft_jax.io.checkpoint import TrainCheckpoints, load_params
+from soft_jax.train.loop import train
+from soft_jax.train.run_config import default_config, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_bad_config_and_missing_files(tmp_path):
 
 def test_cli_sigterm_then_resume_and_convert(tmp_path):
     wd = tmp_path / "cli"
-    cmd = [sys.executable, "-m", "soft_jax.train", "--config", str(ROOT / "configs/tiny.py"),
+    cmd = [sys.executable, "-m", "soft_jax", "train", "--config", str(ROOT / "configs/tiny.py"),
            f"--config.workdir={wd}", "--config.total_steps=400", "--config.log_every=1",
            "--config.checkpoint_every=1000", "--config.data.max_rows=32",
            "--config.data.seq_len=192", "--config.data.tokenizer=bpe:300",
@@ -139,14 +139,14 @@ def test_cli_sigterm_then_resume_and_convert(tmp_path):
     bad = subprocess.run(cmd[:4] + ["--config.no_such_field=3"], cwd=ROOT, capture_output=True,
                          text=True, timeout=240)
     assert bad.returncode != 0 and "no_such_field" in bad.stderr
-    from soft_jax.convert import main as convert_main
+    from soft_jax.cli.convert import main as convert_main
 
     assert convert_main(["to-hf", "--ckpt", str(wd), "--out", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
 def test_first_step_has_a_nonzero_learning_rate(tmp_path):
-    from soft_jax.train import make_optimizer
+    from soft_jax.train.loop import make_optimizer
 
     c = small_config(tmp_path, total_steps=10)
     c.optimizer.warmup_steps = 4

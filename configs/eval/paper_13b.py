@@ -5,7 +5,7 @@ PandaLM-7B judge, sorted-ness on the same prompts, TriviaQA EM and GSM8K per exi
 Paths are placeholders: set ckpt / second.ckpt / the judge folder / the instruction file
 (an alpaca-format json of PandaLM's validation set) before running, e.g.
 
-    python -m soft_jax.eval --config configs/eval/paper_13b.py --ckpt runs/soft13b \\
+    soft-jax eval --config configs/eval/paper_13b.py --ckpt runs/soft13b \\
         --second-ckpt runs/sft13b --judge hf:/models/PandaLM-7B-v1 \\
         --config.generate.source=/data/pandalm_testset_alpaca.json
 """

@@ -1,10 +1,10 @@
-"""Quick CPU eval of the tiny SoFT run (`python -m soft_jax.train --config configs/tiny.py`,
+"""Quick CPU eval of the tiny SoFT run (`soft-jax train --config configs/tiny.py`,
 work dir runs/tiny) on the packaged GSM8K held-out demo split: every task but TriviaQA (no
 offline TriviaQA data ships), a few examples each, offline ROUGE-L pairwise judge.
 
-    python -m soft_jax.eval --config configs/eval/tiny_demo.py
+    soft-jax eval --config configs/eval/tiny_demo.py
     # against an SFT run as well (pairwise SoFT x SFT matrix, cross-model sorted-ness):
-    python -m soft_jax.eval --config configs/eval/tiny_demo.py --second-ckpt runs/tiny_sft
+    soft-jax eval --config configs/eval/tiny_demo.py --second-ckpt runs/tiny_sft
 """
 
 from soft_jax.eval.config import default_config

@@ -1,10 +1,10 @@
 """Evaluation of every exit of a SoFT model: loss / perplexity, GSM8K and TriviaQA accuracy,
 per-exit generation, PandaLM-style pairwise comparison and the sorted-ness analysis.
 
-    python -m soft_jax.eval --config configs/eval/tiny_demo.py [--ckpt DIR | --hf DIR] ...
+    soft-jax eval --config configs/eval/tiny_demo.py [--ckpt DIR | --hf DIR] ...
 
 Submodules: scoring (answer extraction, exact match, ROUGE-L), harness (lm-evaluation-harness
-adapter and its per-exit CLI), pairwise (judges, counting), sortedness (KL / cosine per exit
+adapter and `run_exits`), pairwise (judges, counting), sortedness (KL / cosine per exit
 and position), report (Markdown + PNG), runner (the tasks), config (the eval config schema).
 """
 

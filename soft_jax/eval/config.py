@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from soft_jax.train_config import unknown_fields
+from soft_jax.train.run_config import unknown_fields
 
 TASKS = ("loss", "gsm8k", "triviaqa", "generate", "sortedness", "pairwise")
 

@@ -1,7 +1,5 @@
-"""lm-evaluation-harness on every exit: the `soft_jax` model adapter and a per-exit CLI.
-
-    python -m soft_jax.eval.harness (--ckpt CKPT | --hf DIR) --exits 12,24,40 --tasks T1,T2
-        [--include-path DIR] [--limit N] [--num-fewshot K] --output OUT
+"""lm-evaluation-harness on every exit: the `soft_jax` model adapter and `run_exits` (its
+command is `soft-jax harness`).
 
 The model is loaded once and evaluated by lm-eval once per exit; OUT gets results.json,
 results.md (an exit x task table), metrics_per_exit.png, the per-exit lm-eval samples and
@@ -22,9 +20,7 @@ token also end decoding early.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -39,11 +35,12 @@ from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
                                   postprocess_generated_text)
 from tqdm import tqdm
 
-from soft_jax.cli import add_model_source, report_error
-from soft_jax.convert import submodel
-from soft_jax.eval.runner import Model, generate_ids, load_model, resolve_exits
-from soft_jax.exits import check_heads
-from soft_jax.model import exit_logits
+from soft_jax.io.hf import submodel
+from soft_jax.eval.prompting import generate_ids
+from soft_jax.eval.runner import open_model, resolve_exits
+from soft_jax.io.loading import LoadedModel
+from soft_jax.model.exits import check_heads
+from soft_jax.model.transformer import exit_logits
 
 
 def _positive_int(name: str, value) -> int:
@@ -55,10 +52,10 @@ def _positive_int(name: str, value) -> int:
 
 
 def load(ckpt: str = "", hf: str = "", tokenizer: str = "", dtype: str | None = None,
-         field: str = "model_args") -> Model:
+         field: str = "model_args") -> LoadedModel:
     """The model (and tokenizer) of a checkpoint or HF folder; `dtype` casts either."""
-    return load_model(str(ckpt or ""), str(hf or ""), str(tokenizer or ""), dtype or "float32",
-                      field=field, ckpt_dtype=dtype)
+    source = {"ckpt": ckpt, "hf": hf, "tokenizer": tokenizer}
+    return open_model(source, "model", field, dtype or "float32", ckpt_dtype=dtype)
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -81,7 +78,7 @@ class SoftJaxLM(TemplateLM):
 
     def __init__(self, ckpt: str = "", hf: str = "", exit=None, dtype: str | None = None,
                  batch_size=8, max_length=None, tokenizer: str = "", add_bos_token=None,
-                 max_gen_toks=256, seed=0, model: Model | None = None, device=None,
+                 max_gen_toks=256, seed=0, model: LoadedModel | None = None, device=None,
                  max_batch_size=None, **unknown):
         super().__init__()
         if unknown:
@@ -222,7 +219,7 @@ def _metric_columns(task_results: dict) -> dict[str, float]:
             if "," in k and "_stderr" not in k and isinstance(v, (int, float))}
 
 
-def run_exits(model: Model, exits, tasks: list[str], out: Path, include_paths=(),
+def run_exits(model: LoadedModel, exits, tasks: list[str], out: Path, include_paths=(),
               limit=None, num_fewshot=None, batch_size: int = 8, max_length=None,
               max_gen_toks: int = 256) -> dict:
     """lm-eval once per exit of one loaded model; writes and returns the exit x task table."""
@@ -283,48 +280,3 @@ def _lm_eval_version() -> str:
     from importlib.metadata import version
 
     return version("lm_eval")
-
-
-def main(argv=None) -> int:
-    """Entry point of `python -m soft_jax.eval.harness`."""
-    p = argparse.ArgumentParser(prog="python -m soft_jax.eval.harness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_source(p)
-    p.add_argument("--exits", default="", help="comma-separated layer counts (default: the "
-                                               "model's exits with the last layer)")
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
-    p.add_argument("--include-path", action="append", default=[],
-                   help="extra folder of lm-eval task YAMLs (repeatable)")
-    p.add_argument("--limit", type=float, default=None, help="documents per task (or fraction)")
-    p.add_argument("--num-fewshot", type=int, default=None)
-    p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None,
-                   help="context limit (default: the model's max_position_embeddings)")
-    p.add_argument("--max-gen-toks", type=int, default=256,
-                   help="generation limit when a task sets none")
-    p.add_argument("--dtype", default=None, help="parameter dtype (float32, bfloat16, ...)")
-    p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the model's)")
-    args = p.parse_args(argv)
-    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
-    try:
-        for d in args.include_path:
-            if not Path(d).is_dir():
-                raise FileNotFoundError(f"--include-path {d!r} is not a folder")
-        model = load(args.ckpt, args.hf, args.tokenizer, args.dtype, field="args")
-        exits = resolve_exits(model.config, [e for e in args.exits.split(",") if e.strip()],
-                              "--exits")
-        check_heads(model.config, model.params, exits, "--exits")
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-        if not tasks:
-            raise ValueError("--tasks: give at least one task name")
-        run_exits(model, exits, tasks, Path(args.output), args.include_path, limit,
-                  args.num_fewshot, args.batch_size, args.max_length, args.max_gen_toks)
-    except (ValueError, FileNotFoundError) as e:
-        return report_error(e)
-    print(f"[harness] wrote {Path(args.output) / 'results.md'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,10 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from soft_jax.config import LlamaConfig
-from soft_jax.exits import normalize_exits
-from soft_jax.layers import rms_norm
-from soft_jax.model import exit_hidden_states, head_logits
+from soft_jax.model.config import LlamaConfig
+from soft_jax.model.layer_counts import normalize_exits
+from soft_jax.model.layers import rms_norm
+from soft_jax.model.transformer import exit_hidden_states, head_logits
 
 
 @partial(jax.jit, static_argnames=("config", "exits", "positions"))

@@ -1,0 +1,331 @@
+"""Orbax checkpoints of model parameters, written atomically, readable from three layouts.
+
+Layouts `load_params` understands:
+  * a converted checkpoint: `DIR/model_config.json` + `DIR/params/` (what `convert from-hf` writes)
+  * an Orbax CheckpointManager directory: numbered step folders, each with `params/` and `meta/`
+  * a training work dir holding such a manager under `checkpoints/` (its latest step is used)
+
+Every save records the params' finiteness and an integer checksum (`params_integrity`); every
+restore goes into an explicit target tree sharded for the devices of *this* process (so a
+checkpoint written on any mesh / process count loads anywhere) and is verified against that
+record. A step that fails to read or verify is skipped with a warning for the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from soft_jax.model.config import LlamaConfig
+from soft_jax.utils.log import filtered, one_line
+
+MODEL_CONFIG = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
+INTEGRITY = "integrity.json"  # beside `params/` of a converted checkpoint (train: in meta)
+
+
+class CheckpointError(RuntimeError):
+    """No readable, verified checkpoint where one was expected."""
+
+
+class NonFiniteParamsError(CheckpointError):
+    """Params hold NaN or inf (refused on save; on convert unless --allow-nonfinite)."""
+
+
+_BITS = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def _fingerprint(params):
+    def checksum(x):  # wrapping sum of the raw bits: exact on any mesh, any single bit flip shows
+        bits = jax.lax.bitcast_convert_type(x, _BITS[x.dtype.itemsize])
+        return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+    leaves = jax.tree.leaves(params)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
+                                if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.bool_(True)]))
+    return finite, jax.tree.map(checksum, params)
+
+
+def params_integrity(params) -> dict:
+    """{"finite": bool, "checksum": {leaf path: uint32}} of a (possibly sharded) params tree."""
+    finite, sums = jax.device_get(_fingerprint(params))
+    return {"finite": bool(finite), "checksum": {
+        jax.tree_util.keystr(k): int(v) for k, v in jax.tree_util.tree_leaves_with_path(sums)}}
+
+
+def integrity_problem(params, record: dict | None, allow_nonfinite: bool = False
+                      ) -> str | None:
+    """Why `params` do not match the integrity `record` saved with them (None: they do).
+    Without a record (older checkpoints) only finiteness is checked."""
+    got = params_integrity(params)
+    if not got["finite"] and not allow_nonfinite:
+        return "params hold NaN or inf (allow_nonfinite / --allow-nonfinite to load anyway)"
+    if record is None:
+        return None
+    bad = [k for k, v in record.get("checksum", {}).items() if got["checksum"].get(k) != v]
+    if bad or set(got["checksum"]) != set(record.get("checksum", {})):
+        return f"checksum mismatch in {bad[:3] or 'the tree structure'}"
+    return None
+
+
+def atomic_dir(final: Path) -> Path:
+    """A fresh temporary sibling of `final`; move it into place with `commit_dir`."""
+    final = Path(final).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary folder onto `final` (which must be absent or empty)."""
+    final = Path(final).absolute()
+    if final.exists():
+        final.rmdir()  # only an empty folder may be replaced
+    os.replace(tmp, final)
+
+
+def ensure_empty_output(path: Path, what: str = "output folder") -> None:
+    """Refuse to write into a folder that already has files in it."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{what} {str(path)!r} exists and is not empty; choose a new path")
+
+
+def save_params(path, config: LlamaConfig, params, tokenizer_dir: Path | None = None) -> Path:
+    """Write `params` + the model config as a standalone Orbax checkpoint, atomically."""
+    path = Path(path).absolute()
+    ensure_empty_output(path, "checkpoint folder")
+    tmp = atomic_dir(path)
+    try:
+        tmp.mkdir()
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+            ckptr.wait_until_finished()
+        (tmp / MODEL_CONFIG).write_text(json.dumps(config.to_dict(), indent=2))
+        (tmp / INTEGRITY).write_text(json.dumps(params_integrity(params)))
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        commit_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """Numbered step folders holding `params/`, newest first."""
+    steps = [p for p in root.iterdir() if p.is_dir() and p.name.isdigit()
+             and (p / "params").is_dir()]
+    return sorted(steps, key=lambda p: int(p.name), reverse=True)
+
+
+def resolve_checkpoint(path) -> Path:
+    """The folder that holds `params/` for a checkpoint, manager or work dir path (the newest
+    step; `load_params` falls back to older ones when it is unreadable)."""
+    return checkpoint_candidates(path)[0]
+
+
+def checkpoint_candidates(path) -> list[Path]:
+    """Folders holding `params/` that `path` may mean, best first (newest step first)."""
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+    for root in (path, path / "checkpoints"):
+        if (root / "params").is_dir():
+            return [root]
+        if root.is_dir():
+            steps = _step_dirs(root)
+            if steps:
+                return steps
+    raise FileNotFoundError(
+        f"{str(path)!r} is not a soft_jax checkpoint: expected 'params/' and '{MODEL_CONFIG}', "
+        "numbered step folders, or a work dir with 'checkpoints/'")
+
+
+def read_model_config(ckpt: Path) -> LlamaConfig:
+    """The model config stored beside a checkpoint's params (or in its manager's metadata)."""
+    for candidate in (ckpt / MODEL_CONFIG, ckpt / "meta" / "metadata", ckpt.parent / MODEL_CONFIG,
+                      ckpt.parent.parent / MODEL_CONFIG):
+        if candidate.is_file():
+            data = json.loads(candidate.read_text())
+            return LlamaConfig.from_dict(data.get("model", data))
+    raise FileNotFoundError(f"no {MODEL_CONFIG} found for checkpoint {str(ckpt)!r}")
+
+
+def saved_integrity(ckpt: Path) -> dict | None:
+    """The integrity record written with a checkpoint's params (None for older checkpoints)."""
+    meta = ckpt / "meta" / "metadata"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("params_integrity")
+    if (ckpt / INTEGRITY).is_file():
+        return json.loads((ckpt / INTEGRITY).read_text())
+    return None
+
+
+def default_shardings(tree):
+    """Shardings for this process's devices: one device, or FSDP over all of them."""
+    if jax.device_count() == 1:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda _: one, tree)
+    from soft_jax.parallel import sharding as shd
+
+    mesh = shd.build_mesh({"data": 1, "fsdp": -1, "tensor": 1})
+    return shd.tree_shardings(tree, mesh, shd.RULES)
+
+
+class _NoStepMetadataWarning(logging.Filter):
+    """Drops Orbax's warning that an item folder (STEP/params) lacks the step's metadata
+    file: the checkpoint manager keeps that file one level up, and the params read fine."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+def _restore_verified(ckpt: Path, shardings, mesh, rules, allow_nonfinite: bool) -> dict:
+    """Params of one checkpoint folder restored into an explicit target, then verified."""
+    with (filtered(_NoStepMetadataWarning(), logging.getLogger("absl")),
+          ocp.StandardCheckpointer() as ckptr):
+        meta = ckptr.metadata(ckpt / "params")
+        tree = getattr(meta, "item_metadata", meta)
+        tree = getattr(tree, "tree", tree)
+        if shardings is None and mesh is not None:
+            from soft_jax.parallel import sharding as shd
+
+            shardings = shd.tree_shardings(tree, mesh, rules or shd.RULES)
+        if shardings is None:
+            shardings = default_shardings(tree)
+        target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                              tree, shardings)
+        params = ckptr.restore(ckpt / "params", target)
+    problem = integrity_problem(params, saved_integrity(ckpt), allow_nonfinite)
+    if problem:
+        raise CheckpointError(problem)
+    return params
+
+
+def load_params(path, shardings=None, *, mesh=None, rules=None, dtype=None,
+                allow_nonfinite: bool = False) -> tuple[LlamaConfig, dict]:
+    """(config, params) from any checkpoint layout, verified against the saved checksum.
+
+    Params always restore into an explicit target: `shardings` (a tree matching the
+    params), or `mesh` (and optionally `rules`, default `sharding.RULES`) sharding each leaf
+    by its logical axes, or by default this process's devices (one device, or FSDP over
+    all). Every process reads only its own shards, whatever mesh or process count wrote the
+    checkpoint. `dtype` (e.g. "float32") casts after verification. When the newest step of a
+    manager / work dir is unreadable or fails verification (including NaN / inf params,
+    unless `allow_nonfinite`), older steps are tried in turn, with a warning.
+    """
+    failures = []
+    candidates = checkpoint_candidates(path)
+    for i, ckpt in enumerate(candidates):
+        try:
+            params = _restore_verified(ckpt, shardings, mesh, rules, allow_nonfinite)
+        except Exception as e:  # noqa: BLE001  any unreadable step: try the previous one
+            failures.append(f"{ckpt.name}: {one_line(e)}")
+            if i + 1 < len(candidates):
+                warnings.warn(f"checkpoint {str(ckpt)!r} is unusable ({one_line(e)}); trying "
+                              f"{candidates[i + 1].name}", RuntimeWarning, stacklevel=2)
+            continue
+        if dtype is not None:
+            params = jax.tree.map(lambda x: x.astype(dtype) if x.dtype != dtype else x, params)
+        return read_model_config(ckpt), params
+    raise CheckpointError(f"no usable checkpoint under {str(path)!r}: " + "; ".join(failures))
+
+
+def tokenizer_dir_of(path) -> Path | None:
+    """Tokenizer files saved with a checkpoint (or beside its work dir), if any."""
+    ckpt = resolve_checkpoint(path)
+    for candidate in (ckpt / TOKENIZER_DIR, ckpt.parent / TOKENIZER_DIR,
+                      ckpt.parent.parent / TOKENIZER_DIR):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+class TrainCheckpoints:
+    """Orbax CheckpointManager for training: params, optimizer state and JSON metadata per step.
+
+    Orbax writes each step into a temporary folder and renames it when complete, so a crash
+    mid-save leaves the previous step as the latest restorable one.
+    """
+
+    def __init__(self, directory: Path, keep: int = 2, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete step, or None."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, params, opt_state, meta: dict, force: bool = False) -> None:
+        """Start saving (async where enabled); `force` saves even off the usual interval.
+
+        Params with NaN / inf are refused (NonFiniteParamsError) before anything is written,
+        so keep-last-N rotation only ever replaces good checkpoints with good ones."""
+        integrity = params_integrity(params)
+        if not integrity["finite"]:
+            raise NonFiniteParamsError(f"params at step {step} hold NaN or inf; not saved (the "
+                                       f"last saved step, {self.latest_step()}, is kept)")
+        meta = {**meta, "params_integrity": integrity}
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            meta=ocp.args.JsonSave(meta)), force=force)
+
+    def restore(self, step: int, abstract_params, abstract_opt_state):
+        """(params, opt_state, meta) of `step`, shaped (and sharded) like the abstract trees."""
+        out = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_params),
+            opt_state=ocp.args.StandardRestore(abstract_opt_state),
+            meta=ocp.args.JsonRestore()))
+        return out["params"], out["opt_state"], out["meta"]
+
+    def restore_latest(self, abstract_params, abstract_opt_state):
+        """(step, params, opt_state, meta) of the newest step that reads and verifies.
+
+        A step that fails is moved aside to `corrupt-STEP-*` (kept for inspection, out of the
+        manager's sight) with a warning, and the previous step is tried.
+        """
+        failures = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                params, opt_state, meta = self.restore(step, abstract_params, abstract_opt_state)
+                problem = integrity_problem(params, meta.get("params_integrity"))
+                if problem:
+                    raise CheckpointError(problem)
+            except Exception as e:  # noqa: BLE001  any unreadable step: try the previous one
+                failures.append(f"step {step}: {one_line(e)}")
+                warnings.warn(f"checkpoint step {step} in {self.manager.directory} is unusable "
+                              f"({one_line(e)}); moved aside, trying the previous step",
+                              RuntimeWarning, stacklevel=2)
+                self._quarantine(step)
+                continue
+            return step, params, opt_state, meta
+        raise CheckpointError(f"no usable checkpoint in {self.manager.directory}: "
+                              + "; ".join(failures))
+
+    def _quarantine(self, step: int) -> None:
+        from soft_jax.parallel import distributed
+
+        root = Path(self.manager.directory)
+        distributed.barrier(f"soft_jax:quarantine-{step}")
+        if jax.process_index() == 0 and (root / str(step)).exists():
+            os.replace(root / str(step), root / f"corrupt-{step}-{uuid.uuid4().hex[:6]}")
+        distributed.barrier(f"soft_jax:quarantined-{step}")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        """Block until any async save has finished."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

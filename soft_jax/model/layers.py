@@ -1,0 +1,166 @@
+"""One LLaMA decoder layer in Flax Linen: RMSNorm, rotate-half RoPE, GQA attention, SwiGLU.
+
+The layer stack lives in `model.py`, exits and heads in `exits.py`; this file is the per-layer
+math only, written to match Hugging Face's LlamaDecoderLayer numerically.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from soft_jax.model.config import LlamaConfig
+
+Array = jax.Array
+
+
+def rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    """HF LlamaRMSNorm: normalise in float32, cast back, then multiply by the weight."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale * x32.astype(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned per-channel scale named `scale`."""
+
+    eps: float
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale.astype(x.dtype), self.eps)
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+    """Inverse RoPE frequencies (float32), with HF's `linear` and `llama3` scalings."""
+    dim = config.kv_head_dim
+    inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    inv = inv.astype(np.float32)
+    scaling = config.rope_scaling
+    if scaling is None or scaling.rope_type == "default":
+        return inv
+    factor, low, high = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor
+    original_max = scaling.original_max_position_embeddings
+    if scaling.rope_type == "linear":
+        return (inv / np.float32(factor)).astype(np.float32)
+    # llama3: long wavelengths divided by `factor`, short ones kept, a smooth blend between.
+    low_wavelen, high_wavelen = original_max / low, original_max / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (original_max / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(config: LlamaConfig, positions: Array) -> tuple[Array, Array]:
+    """cos/sin tables [batch, seq, head_dim] for integer positions [batch, seq]."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inv_freq(config))
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE on [batch, seq, heads, head_dim] (HF layout: no q/k permutation)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos, sin = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def attention_impl(config: LlamaConfig, has_mask: bool, dtype,
+                   backend: str | None = None) -> str:
+    """cuDNN's fused kernel on GPU for the plain causal case, XLA otherwise (`backend`:
+    the one to decide for, default jax's)."""
+    if config.attention_impl is not None:
+        return config.attention_impl
+    on_gpu = (backend or jax.default_backend()) == "gpu"
+    if not has_mask and on_gpu and dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
+
+
+def _dense_init():
+    return nn.initializers.normal(stddev=0.02)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with an optional preallocated KV cache."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        dense = lambda feats, axis: nn.DenseGeneral(  # noqa: E731
+            feats, axis=axis, use_bias=False, dtype=cfg.compute_dtype,
+            param_dtype=cfg.weight_dtype, kernel_init=_dense_init())
+        hd = cfg.kv_head_dim
+        self.q_proj = dense((cfg.num_heads, hd), -1)
+        self.k_proj = dense((cfg.num_kv_heads, hd), -1)
+        self.v_proj = dense((cfg.num_kv_heads, hd), -1)
+        self.o_proj = dense(cfg.hidden_size, (-2, -1))
+
+    def kv(self, x, cos, sin):
+        """Keys (after RoPE) and values of the normed input x, [batch, seq, kv_heads, head_dim]."""
+        k = checkpoint_name(apply_rope(self.k_proj(x), cos, sin), "key_proj")
+        return k, checkpoint_name(self.v_proj(x), "value_proj")
+
+    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+        q = checkpoint_name(apply_rope(self.q_proj(x), cos, sin), "query_proj")
+        k, v = self.kv(x, cos, sin)
+        if cache is not None:
+            k_cache, v_cache = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, 1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
+            cache = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, is_causal=mask is None,
+            implementation=attention_impl(self.config, mask is not None, q.dtype))
+        return checkpoint_name(self.o_proj(out), "attn_out"), cache
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda feats, name: nn.Dense(  # noqa: E731
+            feats, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+            kernel_init=_dense_init(), name=name)
+        gate = checkpoint_name(dense(cfg.intermediate_size, "gate_proj")(x), "mlp_gate")
+        up = checkpoint_name(dense(cfg.intermediate_size, "up_proj")(x), "mlp_up")
+        return checkpoint_name(dense(cfg.hidden_size, "down_proj")(nn.silu(gate) * up), "mlp_out")
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.input_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
+        self.attn = Attention(cfg)
+        self.post_attn_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
+        self.mlp = MLP(cfg)
+
+    def kv(self, x, cos, sin):
+        """This layer's keys and values of the residual stream x (what attention caches)."""
+        return self.attn.kv(self.input_norm(x), cos, sin)
+
+    def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+        attn_out, cache = self.attn(self.input_norm(x), cos, sin, mask, cache, cache_index)
+        x = x + attn_out
+        x = x + self.mlp(self.post_attn_norm(x))
+        return x, cache

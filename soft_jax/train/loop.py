@@ -1,0 +1,457 @@
+"""The training loop: SoFT (all exits), SFT (last layer), ICT (per-exit heads on a frozen SFT
+model) and SortedNet (one random exit per step). `train(cfg)` runs or resumes a job; its
+command is `soft-jax train --config configs/tiny.py [--config.total_steps=100 ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from soft_jax.data import formats as data_lib
+from soft_jax.parallel import distributed
+from soft_jax.parallel import sharding as shd
+from soft_jax.io.checkpoint import (MODEL_CONFIG, TOKENIZER_DIR, NonFiniteParamsError,
+                                 TrainCheckpoints)
+from soft_jax.model.config import LlamaConfig, preset
+from soft_jax.model.exits import initial_exit_heads
+from soft_jax.model.layer_counts import pair_exit_weights
+from soft_jax.io.loading import load_model
+from soft_jax.train.heldout import per_exit_metrics
+from soft_jax.train.run_log import RunWriter, Throughput, format_metrics
+from soft_jax.utils.log import log
+from soft_jax.model.transformer import init_params
+from soft_jax.data.tokenizer import load_tokenizer
+from soft_jax.train.run_config import resume_changes, validate
+from soft_jax.train.modes import exit_heads_for, train_exits, trainable_keys
+from soft_jax.train.step import (Partitioning, StepSettings, TrainState, abstract_state,
+                                  make_partitioning, make_train_step, sharded_target)
+
+TRAIN_CONFIG = "train_config.json"
+TRUNCATION_WARN = 0.1  # warn when more than this share of the rows is truncated
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss, gradient norm or params: the run stops without saving that state."""
+
+
+# ------------------------------------------------------------------------ data
+def build_data(cfg, workdir: Path):
+    """(tokenizer, train BatchStream, eval batches, stats) for a run; the tokenizer is saved."""
+    rows = data_lib.load_rows(cfg.data.source, cfg.data.split, cfg.data.subset or None)
+    if cfg.data.max_rows:
+        rows = rows[:cfg.data.max_rows]
+    tok_dir = workdir / TOKENIZER_DIR
+    existed = tok_dir.is_dir()
+    distributed.barrier("soft_jax:tokenizer-checked")  # all look before process 0 writes
+    if existed:
+        tokenizer = load_tokenizer(str(tok_dir))
+    else:
+        spec = cfg.data.tokenizer or cfg.model.init_from
+        if not spec:
+            raise ValueError("config.data.tokenizer is empty and config.model.init_from has no "
+                             "tokenizer to fall back on")
+        if distributed.is_primary():
+            texts = (t for i, r in enumerate(rows)
+                     for t, _ in _safe_segments(cfg.data.format, r, i))
+            tokenizer = load_tokenizer(spec, texts)
+            tokenizer.save_pretrained(tok_dir)
+        distributed.barrier("soft_jax:tokenizer-saved")
+        if not distributed.is_primary():  # every process tokenises with the very same files
+            tokenizer = load_tokenizer(str(tok_dir))
+    stats = data_lib.DataStats()
+    template = data_lib.resolve_template(cfg.data.template, tokenizer, cfg.data.format)
+    examples = data_lib.tokenize_rows(rows, cfg.data.format, tokenizer, cfg.data.seq_len,
+                                      cfg.data.on_bad_row, stats, template)
+    check_targets(stats, cfg.data.seq_len)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stream = data_lib.BatchStream(examples, cfg.data.seq_len, cfg.batch_size, cfg.seed,
+                                  pack=cfg.data.pack, pad_id=pad)
+    eval_batches = []
+    if cfg.data.eval_source:
+        eval_rows = data_lib.load_rows(cfg.data.eval_source, cfg.data.eval_split,
+                                       cfg.data.subset or None)
+        ev = data_lib.tokenize_rows(eval_rows, cfg.data.format, tokenizer, cfg.data.seq_len,
+                                    cfg.data.on_bad_row, template=template)
+        es = data_lib.BatchStream(ev, cfg.data.seq_len, cfg.batch_size, 0, pack=cfg.data.pack,
+                                  shuffle=False, pad_id=pad)
+        n = min(cfg.eval_batches, max(1, es.rows_per_epoch // cfg.batch_size))
+        eval_batches = [es.batch(k) for k in range(n)]
+    return tokenizer, stream, eval_batches, stats
+
+
+def check_targets(stats: data_lib.DataStats, seq_len: int) -> None:
+    """Error when truncation left nothing to learn; warn when it cut many rows."""
+    if stats.rows and stats.target_tokens == 0:
+        raise data_lib.DataError(
+            f"no target tokens: all {stats.rows} rows lose their targets when truncated to "
+            f"data.seq_len={seq_len} ({stats.truncated} truncated); raise config.data.seq_len")
+    if stats.rows and stats.truncated > TRUNCATION_WARN * stats.rows:
+        log(f"warning: {stats.truncated} of {stats.rows} rows "
+            f"({100 * stats.truncated / stats.rows:.0f}%) are truncated to data.seq_len="
+            f"{seq_len} tokens, {stats.no_targets} of them left with no target; consider a "
+            "larger config.data.seq_len")
+
+
+def check_sources(cfg) -> None:
+    """Fail fast on a local path that does not exist (before any hub lookup or data work)."""
+    for name, spec, bare in (("data.eval_source", cfg.data.eval_source, False),
+                             ("model.init_from", cfg.model.init_from, True),
+                             ("data.tokenizer", cfg.data.tokenizer, True)):
+        spec = spec.split(":", 1)[1] if spec.startswith("gguf:") else spec
+        if (spec and not spec.startswith(("gsm8k_demo:", "bpe:")) and not Path(spec).exists()
+                and (cfg.data.tokenizer.startswith("gguf:") and name == "data.tokenizer"
+                     or not data_lib.is_hub_id(spec, allow_bare=bare))):
+            raise FileNotFoundError(f"config.{name}={spec!r} does not exist (a local path) and "
+                                    "is not a hub name")
+
+
+def check_resume(cfg, workdir: Path, step: int) -> bool:
+    """Stop when resuming `workdir` with a config that changes what is trained; log a grown
+    total_steps. True when the run continues (its config is then to be recorded)."""
+    saved_path = workdir / TRAIN_CONFIG
+    if not saved_path.is_file():
+        return False
+    saved = json.loads(saved_path.read_text())
+    changed = resume_changes(saved, json.loads(cfg.to_json_best_effort()))
+    if changed:
+        raise ValueError(
+            f"work dir {str(workdir)!r} holds a run at step {step} trained with a different "
+            "config: " + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, a, b in changed)
+            + " (use a new config.workdir for a different run)")
+    if saved.get("total_steps") != cfg.total_steps and step < cfg.total_steps:
+        log(f"total_steps {saved.get('total_steps')} -> {cfg.total_steps}: continuing from "
+            f"step {step} (the lr schedule now spans {cfg.total_steps} steps)")
+    if step >= cfg.total_steps:
+        log(f"work dir {str(workdir)!r} is already at step {step} >= total_steps="
+            f"{cfg.total_steps}: nothing to train (raise --config.total_steps to continue)")
+    return step < cfg.total_steps
+
+
+def check_finite(step: int, metrics) -> None:
+    """Raise TrainingDiverged when the loss or gradient norm of `step` is NaN / inf."""
+    m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
+    bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
+    if bad:
+        raise TrainingDiverged(
+            f"non-finite {' and '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
+            "stopped without saving this state (lower config.optimizer.lr or check the data)")
+
+
+def _safe_segments(fmt, row, idx):
+    try:
+        return data_lib.FORMATS[fmt](row, idx)
+    except data_lib.DataError:
+        return []
+
+
+# ------------------------------------------------------------------------ model
+def preset_config(cfg, vocab_size: int, **fields) -> LlamaConfig:
+    """The random-init model `cfg.model.preset` with `cfg.model.overrides` (vocab_size 0: the
+    tokenizer's); the preset's own exits deeper than an overridden num_layers are dropped
+    (`build_model` then applies the run's config.exits)."""
+    overrides = {k: v for k, v in cfg.model.overrides.items() if v or k != "vocab_size"}
+    overrides.setdefault("vocab_size", vocab_size)
+    base = preset(cfg.model.preset)
+    if "exits" not in overrides and base.exits is not None:
+        depth = int(overrides.get("num_layers", base.num_layers))
+        overrides["exits"] = tuple(e for e in base.exits if e <= depth)
+    return preset(cfg.model.preset, **overrides, **fields)
+
+
+def random_params(config: LlamaConfig, seed: int, mesh=None, rules=shd.RULES) -> dict:
+    """`init_params` compiled as one program; with a `mesh`, straight into the shards of the
+    logical-axis rules (a 13B model never sits whole on one device)."""
+    init = lambda key: init_params(config, key)  # noqa: E731
+    key = jax.random.PRNGKey(seed)
+    if mesh is None:
+        return jax.jit(init)(key)
+    shardings = shd.tree_shardings(jax.eval_shape(init, key), mesh, rules)
+    return jax.jit(init, out_shardings=shardings)(key)
+
+
+def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[LlamaConfig, dict]:
+    """Model config and initial params: random from a preset, a HF model, or a checkpoint.
+
+    With a `mesh`, the params come back sharded by the logical-axis rules: random init runs
+    under jit straight into its shards, checkpoints restore shard by shard, and HF weights are
+    cut into shards on the host.
+    """
+    model_fields = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                        remat_policy=cfg.model.remat_policy)
+    src = cfg.model.init_from
+    params = None
+    if not src:
+        config = preset_config(cfg, vocab_size, **model_fields)
+    else:  # a checkpoint (restored shard by shard), HF folder or hub name, in the param dtype
+        config, params, _, _ = load_model(src, cfg.model.param_dtype, mesh=mesh, rules=rules,
+                                          tokenizer=False)
+    try:
+        exits, weights = pair_exit_weights(tuple(cfg.exits) or config.exits,
+                                           tuple(cfg.exit_weights) or None, config.num_layers,
+                                           "config.exits", "config.exit_weights")
+    except ValueError as e:
+        raise ValueError(f"{e} (config.exits={tuple(cfg.exits)} on a model of "
+                         f"{config.num_layers} layers)") from None
+    config = config.replace(exits=exits, exit_weights=weights, **model_fields,
+                            num_exit_heads=exit_heads_for(cfg.mode, exits))
+    if vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is "
+                         f"{config.vocab_size} (config.model / config.data.tokenizer)")
+    if params is None:
+        params = random_params(config, cfg.seed, mesh, rules)
+    if cfg.mode == "ict" and "exit_heads" not in params:
+        params = {**params, "exit_heads": initial_exit_heads(config, params)}
+    if mesh is not None:
+        params = shd.place(params, shd.tree_shardings(params, mesh, rules))
+    return config, params
+
+
+# ------------------------------------------------------------------------ optimizer/step
+def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warm-up + cosine decay, global-norm clipping, no decay on norms.
+
+    The schedule is read one step ahead, so step 0 already has lr / warmup_steps (a warm-up
+    from 0 would make the first update a no-op) and the last step ends at the minimum.
+    """
+    o = cfg.optimizer
+    ramp = optax.warmup_cosine_decay_schedule(
+        0.0, o.lr, max(1, o.warmup_steps), max(o.warmup_steps + 1, cfg.total_steps),
+        end_value=o.lr * o.min_lr_ratio)
+    schedule = lambda step: ramp(step + 1)  # noqa: E731
+    decay_mask = lambda p: jax.tree_util.tree_map_with_path(  # noqa: E731
+        lambda path, _: not any("norm" in str(k) for k in path), p)
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=decay_mask))
+    return tx, schedule
+
+
+# ------------------------------------------------------------------------ setup
+@dataclasses.dataclass
+class Run:
+    """A run ready to step: what `setup` built and `run_loop` advances, saves and evaluates."""
+
+    cfg: Any
+    workdir: Path
+    writer: RunWriter
+    ckpts: TrainCheckpoints
+    config: LlamaConfig
+    part: Partitioning
+    state: TrainState
+    step_fn: Callable
+    stream: data_lib.BatchStream
+    eval_batches: list
+    stats: data_lib.DataStats
+    batch_rows: list  # this process's [lo, hi) rows of every global batch
+    start_step: int  # the step the run starts (or resumes) at
+
+    def save(self, step: int, metrics, force: bool = False) -> None:
+        """Checkpoint the state after `step` steps (once this step's loss and gradient norm
+        are known to be finite)."""
+        check_finite(step, metrics)
+        meta = {"step": step, "seed": self.cfg.seed, "data_position": self.stream.position(step),
+                "model": self.config.to_dict(), "mode": self.cfg.mode}
+        try:
+            self.ckpts.save(step, self.state.params, self.state.opt_state, meta, force=force)
+        except NonFiniteParamsError as e:
+            raise TrainingDiverged(str(e)) from None
+
+    def evaluate(self, step: int) -> dict:
+        """Per-exit held-out metrics of the current params, logged and written."""
+        results = per_exit_metrics(self.config, self.state.params, self.eval_batches)
+        self.writer.eval(step, results)
+        return results
+
+    def summary(self, status: str, step: int, history: list, **extra) -> dict:
+        """What `train` returns."""
+        return {"status": status, "step": step, "workdir": str(self.workdir),
+                "history": history, **extra, "mesh": shd.describe(self.part.mesh),
+                "batch_rows": self.batch_rows}
+
+    def close(self) -> None:
+        self.ckpts.close()
+        self.writer.close()
+
+
+def run_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
+    """The run's device mesh and sharding rules; checks the batch splits over data x fsdp."""
+    mesh = shd.build_mesh(cfg.mesh)
+    rules = shd.make_rules(cfg.mesh.rules)
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.batch_size % dp:
+        raise ValueError(f"config.batch_size={cfg.batch_size} must be divisible by mesh "
+                         f"data x fsdp = {dp} ({shd.describe(mesh)})")
+    if (cfg.batch_size // cfg.grad_accum) % dp:
+        log(f"warning: micro-batches of {cfg.batch_size // cfg.grad_accum} rows do not split "
+            f"over data x fsdp = {dp}: each is replicated (every device computes every row); "
+            "lower grad_accum or raise batch_size")
+    return mesh, rules
+
+
+def initial_state(cfg, writer: RunWriter, ckpts: TrainCheckpoints, resume_step: int | None,
+                  vocab_size: int, mesh, rules):
+    """(model config, train state, step function, partitioning, start step) of a fresh
+    model, or of the latest checkpoint restored straight into this mesh's shards (whatever
+    mesh wrote it)."""
+    if resume_step is not None:
+        config = LlamaConfig.from_dict(json.loads((writer.workdir / MODEL_CONFIG).read_text()))
+        params = None
+    else:
+        config, params = build_model(cfg, vocab_size, mesh, rules)
+        writer.write_text(MODEL_CONFIG, json.dumps(config.to_dict(), indent=2))
+        writer.write_text(TRAIN_CONFIG, cfg.to_json_best_effort(indent=2))
+    tx, schedule = make_optimizer(cfg)
+    params_abstract = params if params is not None else jax.eval_shape(
+        lambda: init_params(config, jax.random.PRNGKey(0)))
+    keys = trainable_keys(params_abstract, cfg.mode)
+    abstract = abstract_state(config, tx, keys, params_abstract)
+    part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len)
+    if resume_step is not None:
+        target = sharded_target(abstract, part)
+        resume_step, params, opt_state, meta = ckpts.restore_latest(target.params,
+                                                                    target.opt_state)
+        log(f"resumed from step {resume_step} ({meta.get('data_position')})")
+    else:
+        opt_state = jax.jit(tx.init, out_shardings=part.state.opt_state)(
+            {k: params[k] for k in keys})
+    step = jax.device_put(jnp.asarray(resume_step or 0, jnp.int32), part.state.step)
+    step_fn = make_train_step(config, StepSettings.from_config(cfg), tx, schedule, keys, part)
+    return config, TrainState(step, params, opt_state), step_fn, part, int(resume_step or 0)
+
+
+def setup(cfg) -> Run:
+    """Validate `cfg`, start the runtime, build data, model, state and step (or resume the
+    work dir's latest checkpoint) and record the run's configs."""
+    validate(cfg)
+    distributed.initialize(cfg.distributed)  # before anything touches a jax backend
+    mesh, rules = run_mesh(cfg)
+    workdir = Path(cfg.workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    writer = RunWriter(workdir)
+    ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
+                             cfg.async_checkpointing)
+    resume_step = ckpts.latest_step()
+    try:  # the checks come before any data or model work
+        check_sources(cfg)
+        if resume_step is not None and check_resume(cfg, workdir, resume_step):
+            writer.write_text(TRAIN_CONFIG, cfg.to_json_best_effort(indent=2))
+        tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
+        log(f"data: {stats.rows} rows, {stats.skipped} skipped, {stats.truncated} truncated to "
+            f"{cfg.data.seq_len} tokens ({stats.no_targets} of them left with no target), "
+            f"{stats.target_tokens} target tokens, {stream.rows_per_epoch} rows/epoch "
+            f"({'packed' if cfg.data.pack else 'padded'})")
+        config, state, step_fn, part, start = initial_state(cfg, writer, ckpts, resume_step,
+                                                     len(tokenizer), mesh, rules)
+    except BaseException:
+        ckpts.close()
+        raise
+    rows = shd.process_rows(part.batch, cfg.batch_size)
+    log(f"mesh {shd.describe(mesh)} over {jax.device_count()} devices in "
+        f"{jax.process_count()} process(es); process 0 feeds batch rows {rows}")
+    if jax.process_count() > 1 and eval_batches:  # global (replicated) arrays for eval
+        eval_batches = [shd.place(b, jax.tree.map(lambda _: part.replicated, b))
+                        for b in eval_batches]
+    return Run(cfg, workdir, writer, ckpts, config, part, state, step_fn, stream,
+               eval_batches, stats, rows, start)
+
+
+# ------------------------------------------------------------------------ loop
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: finish the step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def global_batch(run: Run, k: int) -> dict:
+    """Global batch k of the run's stream, as this process's rows of one jax.Array each."""
+    full = run.stream.batch(k)  # host numpy; every process already packs the whole epoch
+    return shd.global_batch(lambda lo, hi: {key: v[lo:hi] for key, v in full.items()},
+                            run.part.batch, run.cfg.batch_size)
+
+
+def run_loop(run: Run, on_step=None) -> dict:
+    """Step `run` to config.total_steps (or a signal), logging, evaluating and
+    checkpointing on the config's intervals; closes the run and returns its summary."""
+    cfg = run.cfg
+    exits = train_exits(run.config, cfg.mode)
+    step = run.start_step
+    stop = _StopFlag()
+    throughput = Throughput(cfg.batch_size * cfg.data.seq_len)
+    pending = None  # (step, metrics) not yet checked for NaN / inf
+    try:
+        while step < cfg.total_steps:
+            run.state, metrics = run.step_fn(run.state, global_batch(run, step))
+            if pending is not None:  # one step behind: the host never waits on the device
+                check_finite(*pending)
+            step += 1
+            pending = (step, metrics)
+            throughput.tick()
+            if on_step is not None:
+                on_step(step)
+            if jax.process_count() > 1:  # a signal on any host stops every host at this step
+                stop.signum = _agree_on_signal(stop.signum)
+            if step % cfg.log_every == 0 or step == cfg.total_steps or stop.signum:
+                m = throughput.record(step, metrics, run.stream.epochs_at(step))
+                log(format_metrics(step, cfg.total_steps, m, exits))
+                run.writer.metrics(step, m)
+            if cfg.eval_every and step % cfg.eval_every == 0 and run.eval_batches:
+                run.evaluate(step)
+            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                run.save(step, metrics)
+                pending = None  # save() checked this step's loss and gradient norm
+            if stop.signum:
+                if step % cfg.checkpoint_every and step != cfg.total_steps:
+                    run.save(step, metrics, force=True)
+                run.ckpts.wait()
+                log(f"signal {stop.signum}: checkpointed step {step}; rerun the same command "
+                    "to resume")
+                return run.summary("interrupted", step, throughput.history)
+        if pending is not None:
+            check_finite(*pending)
+        run.ckpts.wait()
+        results = run.evaluate(step) if run.eval_batches else {}
+    finally:
+        stop.restore()
+        run.close()
+    return run.summary("done", step, throughput.history, eval=results, config=run.config,
+                       params=run.state.params, data_stats=run.stats)
+
+
+def train(cfg, on_step=None) -> dict:
+    """Run (or resume) a training job described by `cfg`; returns a summary dict.
+
+    `on_step(step)` is called after every step (hooks for tests and custom logging).
+
+    Multi-process: every process runs this same function (see soft_jax/distributed.py for how
+    the runtime is found); each builds only its own rows of every global batch, all of them
+    write and read the checkpoints, process 0 alone logs and writes the metrics files.
+    """
+    return run_loop(setup(cfg), on_step)
+
+
+def _agree_on_signal(signum):
+    """The first signal number any process got (0 / None when none did)."""
+    from jax.experimental import multihost_utils
+
+    got = multihost_utils.process_allgather(np.asarray(signum or 0, np.int32))
+    nz = [int(x) for x in np.ravel(got) if x]
+    return nz[0] if nz else None

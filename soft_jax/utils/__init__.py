@@ -1,0 +1,7 @@
+"""utils: what every wing shares and nothing of soft_jax's own.
+
+- `log`: progress lines from process 0 (`log`, `one_line`, `filtered`).
+- `tables`: the Markdown table every report writes (`markdown_table`).
+- `plot`: the per-exit line figures (`per_exit_figure`).
+- `config_file`: `load_config_file(path)` of an ml_collections `.py` config.
+"""
