@@ -200,7 +200,7 @@ def test_pairwise_matrix_dedups_calls_and_renders(tmp_path):
     assert m["cells"][2][2].to_dict()["score"] == 1.0  # exact answer beats "goodbye"
     assert m["cells"][2][4].ties == 1.0  # identical texts
     assert m["cells"][4][4].losses == 1.0
-    table = pw.markdown_table(m, "SoFT", "SFT")
+    table = pw.matrix_table(m, "SoFT", "SFT")
     assert "| SoFT \\ SFT | layer 2 | layer 4 |" in table and "1 / 0 / 0 (+1.00)" in table
     res = {"matrix": pw.matrix_to_json(m), "a": "SoFT", "b": "SFT", "judge": "x"}
     assert pairwise_figure(tmp_path / "p.png", res).stat().st_size > 1000

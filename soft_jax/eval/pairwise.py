@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Protocol, Sequence
 
 from soft_jax.eval.scoring import rouge_l
+from soft_jax.utils.tables import markdown_table
 
 PANDALM_PROMPT = (
     "Below are two responses for a given task. The task is defined by the Instruction. "
@@ -295,21 +296,18 @@ def make_judge(spec: str, tokenizer: str = "", max_new_tokens: int = 512,
                      "or 'hf:FOLDER' (a causal LM prompted in PandaLM's format)")
 
 
-def markdown_table(matrix: dict, row_label: str, col_label: str) -> str:
+def matrix_table(matrix: dict, row_label: str, col_label: str) -> str:
     """Poster-style table: rows `row_label layer i`, columns `col_label layer j`, cells
     'W / L / T (score)'."""
     cols = matrix["cols"]
-    lines = [f"| {row_label} \\ {col_label} | " + " | ".join(f"layer {c}" for c in cols) + " |",
-             "|---|" + "---|" * len(cols)]
-    for r in matrix["rows"]:
-        cells = []
-        for c in cols:
-            x = matrix["cells"][r][c]
-            x = x if isinstance(x, dict) else x.to_dict()
-            cells.append(f"{x['wins']:g} / {x['losses']:g} / {x['ties']:g} "
-                         f"({x['score']:+.2f})")
-        lines.append(f"| layer {r} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(x) -> str:
+        x = x if isinstance(x, dict) else x.to_dict()
+        return f"{x['wins']:g} / {x['losses']:g} / {x['ties']:g} ({x['score']:+.2f})"
+
+    return markdown_table([f"{row_label} \\ {col_label}", *(f"layer {c}" for c in cols)],
+                          [[f"layer {r}", *(cell(matrix["cells"][r][c]) for c in cols)]
+                           for r in matrix["rows"]])
 
 
 def matrix_to_json(matrix: dict) -> dict:

@@ -232,7 +232,7 @@ def task_pairwise(cfg, model: LoadedModel, exits, out: Path, ctx: dict) -> dict:
     matrix = pw.pairwise_matrix(judge, items, gens_a, gens_b)
     log(f"pairwise: {len(gens_a)} x {len(gens_b)} pairs x {len(items)} instructions x 2 orders "
         f"judged by {judge.name} ({time.perf_counter() - t0:.1f}s)")
-    table = pw.markdown_table(matrix, name_a, name_b)
+    table = pw.matrix_table(matrix, name_a, name_b)
     result = {"judge": judge.name, "a": name_a, "b": name_b, "examples": len(items),
               "matrix": pw.matrix_to_json(matrix), "table_markdown": table}
     (out / "pairwise.json").write_text(json.dumps(result, indent=2))
