@@ -92,7 +92,7 @@ def _compiled_worker(out: Path) -> None:
 
     from soft_jax.parallel import sharding as shd
     from soft_jax.train.memory import BATCH_KEYS
-    from soft_jax.model.transformer import init_params
+    from soft_jax.model.transformer import init_params, param_axes
     from soft_jax.train.loop import (StepSettings, abstract_state, make_optimizer, make_partitioning,
                                 make_train_step, trainable_keys)
     from soft_jax.train.run_config import default_config
@@ -109,7 +109,7 @@ def _compiled_worker(out: Path) -> None:
         tx, schedule = make_optimizer(cfg)
         ab = abstract_state(config, tx, ("embed", "final_norm", "layers", "lm_head"))
         keys = trainable_keys(ab.params, cfg.mode)
-        part = make_partitioning(mesh, shd.RULES, ab, b, t)
+        part = make_partitioning(mesh, shd.RULES, ab, b, t, param_axes(config))
         init = lambda k, c=config: init_params(c, k)  # noqa: E731
         params = jax.jit(init, out_shardings=part.state.params)(jax.random.PRNGKey(0))
         shard_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(params))

@@ -73,21 +73,22 @@ def test_every_param_and_adam_moment_has_logical_axes():
     import optax
 
     from soft_jax.model.config import preset
-    from soft_jax.model.transformer import init_params
+    from soft_jax.model.transformer import init_params, param_axes
     from soft_jax.parallel.sharding import logical_axes_for_path, tree_specs
 
     config = preset("tiny", num_exit_heads=2)  # ICT heads too
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    axes = param_axes(config)
     opt = jax.eval_shape(optax.adamw(1e-3).init, params)
     for tree in (params, opt):
         for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
             if leaf.ndim:
-                names = logical_axes_for_path(path, leaf.ndim)
+                names = logical_axes_for_path(path, leaf.ndim, axes)
                 assert names is not None, jax.tree_util.keystr(path)
                 if "layers" in jax.tree_util.keystr(path):
                     assert names[0] == "layers"
     mesh = {"data": 1, "fsdp": 4, "tensor": 2}
-    specs = tree_specs(params, mesh)
+    specs = tree_specs(params, axes, mesh)
     flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(
         specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
     for name, spec in flat.items():  # the layer axis is never sharded
@@ -98,6 +99,50 @@ def test_every_param_and_adam_moment_has_logical_axes():
     assert flat["['embed']['embedding']"] == jax.sharding.PartitionSpec("tensor", "fsdp")
     assert flat["['exit_heads']['kernel']"] == jax.sharding.PartitionSpec(None, "fsdp",
                                                                           "tensor")
+
+
+def test_a_renamed_module_stays_sharded_and_an_unannotated_param_is_an_error(monkeypatch):
+    """Logical axes travel with the params: renaming a layer's modules keeps every one of its
+    weights sharded, and a weight created without logical axes is refused by name."""
+    import flax.linen as nn
+    import jax
+
+    from soft_jax.model import layers, transformer
+    from soft_jax.model.config import preset
+    from soft_jax.parallel.sharding import boxed_axes, tree_specs
+
+    class RenamedLayer(layers.DecoderLayer):
+        def setup(self):
+            cfg = self.config
+            self.norm_a = layers.RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
+            self.self_attention = layers.Attention(cfg)
+            self.norm_b = layers.RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype)
+            self.feed_forward = layers.MLP(cfg)
+
+        def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
+            a, cache = self.self_attention(self.norm_a(x), cos, sin, mask, cache, cache_index)
+            return x + a + self.feed_forward(self.norm_b(x + a)), cache
+
+    monkeypatch.setattr(transformer, "DecoderLayer", RenamedLayer)
+    config = preset("tiny", num_layers=2, exits=(1, 2))
+    params = jax.eval_shape(lambda: transformer.init_params(config, jax.random.PRNGKey(0)))
+    specs = tree_specs(params, transformer.param_axes(config), {"fsdp": 4, "tensor": 2})
+    flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+    P = jax.sharding.PartitionSpec
+    assert flat["['layers']['feed_forward']['down_proj']['kernel']"] == P(None, "tensor", "fsdp")
+    assert flat["['layers']['self_attention']['q_proj']['kernel']"] == P(None, "fsdp", "tensor")
+    assert all(len(s) for n, s in flat.items() if "kernel" in n or "embedding" in n), flat
+
+    class Unannotated(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(4, use_bias=False, name="plain_proj")(x)
+
+    x = jax.ShapeDtypeStruct((1, 8), "float32")
+    boxed = jax.eval_shape(lambda x: Unannotated().init(jax.random.PRNGKey(0), x), x)
+    with pytest.raises(ValueError, match=r"plain_proj\.kernel .*no logical axes"):
+        boxed_axes(boxed)
 
 
 def test_mesh_sizes_resolve_and_errors_name_the_problem():
@@ -182,7 +227,7 @@ def mesh_worker(out: Path) -> None:
 
     from soft_jax.parallel import sharding as shd
     from soft_jax.io.checkpoint import TrainCheckpoints, load_params
-    from soft_jax.model.transformer import init_params
+    from soft_jax.model.transformer import init_params, param_axes
     from soft_jax.train.loop import (StepSettings, TrainState, abstract_state, make_optimizer,
                                      make_partitioning, make_train_step, trainable_keys)
     from soft_jax.train.run_config import default_config
@@ -200,7 +245,7 @@ def mesh_worker(out: Path) -> None:
     for name, sizes in MESHES.items():
         mesh = shd.build_mesh(sizes, jax.devices()[:1] if name == "1" else None)
         part = make_partitioning(mesh, shd.RULES, abstract_state(config, tx, keys, params0),
-                                 8, 32)
+                                 8, 32, param_axes(config))
         params = shd.place(params0, part.state.params)
         state = TrainState(jax.device_put(jnp.int32(0), part.state.step), params,
                            jax.jit(tx.init, out_shardings=part.state.opt_state)(params))
@@ -237,7 +282,8 @@ def mesh_worker(out: Path) -> None:
     restored = {}
     # ... restored onto fsdp=2 x tensor=4 (train state) and onto one device (params only)
     mesh = shd.build_mesh({"data": 1, "fsdp": 2, "tensor": 4})
-    part = make_partitioning(mesh, shd.RULES, abstract_state(config, tx, keys, params0), 8, 32)
+    part = make_partitioning(mesh, shd.RULES, abstract_state(config, tx, keys, params0), 8, 32,
+                             param_axes(config))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state(config, tx, keys, params0), part.state)
     p, o, meta = ckpts.restore(3, target.params, target.opt_state)

@@ -171,7 +171,7 @@ def saved_integrity(ckpt: Path) -> dict | None:
     return None
 
 
-def default_shardings(tree):
+def default_shardings(tree, config: LlamaConfig):
     """Shardings for this process's devices: one device, or FSDP over all of them."""
     if jax.device_count() == 1:
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -179,7 +179,15 @@ def default_shardings(tree):
     from soft_jax.parallel import sharding as shd
 
     mesh = shd.build_mesh({"data": 1, "fsdp": -1, "tensor": 1})
-    return shd.tree_shardings(tree, mesh, shd.RULES)
+    return mesh_shardings(tree, config, mesh, shd.RULES)
+
+
+def mesh_shardings(tree, config: LlamaConfig, mesh, rules):
+    """Shardings of a params tree on `mesh` by the logical axes `config`'s params declare."""
+    from soft_jax.model.transformer import param_axes
+    from soft_jax.parallel import sharding as shd
+
+    return shd.tree_shardings(tree, param_axes(config), mesh, rules or shd.RULES)
 
 
 class _NoStepMetadataWarning(logging.Filter):
@@ -198,11 +206,9 @@ def _restore_verified(ckpt: Path, shardings, mesh, rules, allow_nonfinite: bool)
         tree = getattr(meta, "item_metadata", meta)
         tree = getattr(tree, "tree", tree)
         if shardings is None and mesh is not None:
-            from soft_jax.parallel import sharding as shd
-
-            shardings = shd.tree_shardings(tree, mesh, rules or shd.RULES)
+            shardings = mesh_shardings(tree, read_model_config(ckpt), mesh, rules)
         if shardings is None:
-            shardings = default_shardings(tree)
+            shardings = default_shardings(tree, read_model_config(ckpt))
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                               tree, shardings)
         params = ckptr.restore(ckpt / "params", target)

@@ -111,7 +111,10 @@ def load_model(path, dtype: str | None = None, *, mesh=None, rules=None, exits=N
         if mesh is not None:
             from soft_jax.parallel import sharding as shd
 
-            params = shd.place(params, shd.tree_shardings(params, mesh, rules or shd.RULES))
+            from soft_jax.model.transformer import param_axes
+
+            shardings = shd.tree_shardings(params, param_axes(config), mesh, rules or shd.RULES)
+            params = shd.place(params, shardings)
         source = f"Hugging Face folder {path}"
     spec = tokenizer if isinstance(tokenizer, str) else (
         _saved_tokenizer(path, checkpoint) if tokenizer else None)

@@ -34,7 +34,8 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
         return rms_norm(x, scale.astype(x.dtype), self.eps)
 
 
@@ -87,8 +88,9 @@ def attention_impl(config: LlamaConfig, has_mask: bool, dtype,
     return "xla"
 
 
-def _dense_init():
-    return nn.initializers.normal(stddev=0.02)
+def dense_init(names: tuple[str, ...]):
+    """Normal(0.02) kernels that carry their logical axes (see parallel.sharding.RULES)."""
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=0.02), names)
 
 
 class Attention(nn.Module):
@@ -98,14 +100,14 @@ class Attention(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dense = lambda feats, axis: nn.DenseGeneral(  # noqa: E731
+        dense = lambda feats, axis, names: nn.DenseGeneral(  # noqa: E731
             feats, axis=axis, use_bias=False, dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype, kernel_init=_dense_init())
+            param_dtype=cfg.weight_dtype, kernel_init=dense_init(names))
         hd = cfg.kv_head_dim
-        self.q_proj = dense((cfg.num_heads, hd), -1)
-        self.k_proj = dense((cfg.num_kv_heads, hd), -1)
-        self.v_proj = dense((cfg.num_kv_heads, hd), -1)
-        self.o_proj = dense(cfg.hidden_size, (-2, -1))
+        self.q_proj = dense((cfg.num_heads, hd), -1, ("embed", "q_heads", "head_dim"))
+        self.k_proj = dense((cfg.num_kv_heads, hd), -1, ("embed", "kv_heads", "head_dim"))
+        self.v_proj = dense((cfg.num_kv_heads, hd), -1, ("embed", "kv_heads", "head_dim"))
+        self.o_proj = dense(cfg.hidden_size, (-2, -1), ("q_heads", "head_dim", "embed"))
 
     def kv(self, x, cos, sin):
         """Keys (after RoPE) and values of the normed input x, [batch, seq, kv_heads, head_dim]."""
@@ -135,12 +137,14 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda feats, name: nn.Dense(  # noqa: E731
+        dense = lambda feats, name, names: nn.Dense(  # noqa: E731
             feats, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-            kernel_init=_dense_init(), name=name)
-        gate = checkpoint_name(dense(cfg.intermediate_size, "gate_proj")(x), "mlp_gate")
-        up = checkpoint_name(dense(cfg.intermediate_size, "up_proj")(x), "mlp_up")
-        return checkpoint_name(dense(cfg.hidden_size, "down_proj")(nn.silu(gate) * up), "mlp_out")
+            kernel_init=dense_init(names), name=name)
+        up_names = ("embed", "mlp")
+        gate = checkpoint_name(dense(cfg.intermediate_size, "gate_proj", up_names)(x), "mlp_gate")
+        up = checkpoint_name(dense(cfg.intermediate_size, "up_proj", up_names)(x), "mlp_up")
+        out = dense(cfg.hidden_size, "down_proj", ("mlp", "embed"))(nn.silu(gate) * up)
+        return checkpoint_name(out, "mlp_out")
 
 
 class DecoderLayer(nn.Module):

@@ -3,16 +3,20 @@ sorted exits, and the shared final norm + LM head applied at every exit."""
 
 from __future__ import annotations
 
+import functools
 from functools import partial
+from types import MappingProxyType
+from typing import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from soft_jax.model.config import REMAT_SAVES, LlamaConfig
 from soft_jax.model.exits import head_kernel, uses_shared_head, with_last
-from soft_jax.model.layers import DecoderLayer, rms_norm, rope_tables
-from soft_jax.parallel.sharding import RESIDUAL_AXES, constrain
+from soft_jax.model.layers import DecoderLayer, dense_init, rms_norm, rope_tables
+from soft_jax.parallel.sharding import RESIDUAL_AXES, boxed_axes, constrain, unbox
 
 Array = jax.Array
 Params = dict
@@ -53,24 +57,43 @@ def check_tokens(name: str, x, vocab_size: int, allow: tuple[int, ...] = ()) -> 
                          + f", e.g. {bad[:3].tolist()}")
 
 
-def init_params(config: LlamaConfig, rng: Array) -> Params:
-    """Random parameters (normal 0.02, norms at 1), layers stacked on a leading axis."""
+def _stacked(boxes: Params) -> Params:
+    """Layer params vmapped over the stack: a leading "layers" axis in front of each's names."""
+    return jax.tree.map(lambda b: b.replace(names=("layers",) + tuple(b.names)), boxes,
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def init_boxed_params(config: LlamaConfig, rng: Array) -> Params:
+    """`init_params` with every leaf an `nn.LogicallyPartitioned` carrying its logical axes."""
     k_embed, k_layers, k_head, k_exit = jax.random.split(rng, 4)
     d, v, dt = config.hidden_size, config.vocab_size, config.weight_dtype
     x = jnp.zeros((1, 1, d), config.compute_dtype)
     cos, sin = rope_tables(config, jnp.zeros((1, 1), jnp.int32))
     layer_init = lambda k: DecoderLayer(config).init(k, x, cos, sin)["params"]  # noqa: E731
+    ones = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
     params = {
-        "embed": {"embedding": 0.02 * jax.random.normal(k_embed, (v, d), dt)},
-        "layers": jax.vmap(layer_init)(jax.random.split(k_layers, config.num_layers)),
-        "final_norm": {"scale": jnp.ones((d,), dt)},
+        "embed": {"embedding": dense_init(("vocab", "embed"))(k_embed, (v, d), dt)},
+        "layers": _stacked(jax.vmap(layer_init)(jax.random.split(k_layers, config.num_layers))),
+        "final_norm": {"scale": ones(None, (d,), dt)},
     }
     if not config.tie_word_embeddings:
-        params["lm_head"] = {"kernel": 0.02 * jax.random.normal(k_head, (d, v), dt)}
+        params["lm_head"] = {"kernel": dense_init(("embed", "vocab"))(k_head, (d, v), dt)}
     if config.num_exit_heads:
-        params["exit_heads"] = {
-            "kernel": 0.02 * jax.random.normal(k_exit, (config.num_exit_heads, d, v), dt)}
+        params["exit_heads"] = {"kernel": dense_init(("exit_heads", "embed", "vocab"))(
+            k_exit, (config.num_exit_heads, d, v), dt)}
     return params
+
+
+def init_params(config: LlamaConfig, rng: Array) -> Params:
+    """Random parameters (normal 0.02, norms at 1), layers stacked on a leading axis."""
+    return unbox(init_boxed_params(config, rng))
+
+
+@functools.lru_cache(maxsize=64)
+def param_axes(config: LlamaConfig) -> Mapping[str, tuple[str | None, ...]]:
+    """{dotted param path: logical names} as the params' initializers declare them."""
+    boxed = jax.eval_shape(lambda: init_boxed_params(config, jax.random.PRNGKey(0)))
+    return MappingProxyType(boxed_axes(boxed))
 
 
 def attention_mask(segment_ids: Array) -> Array:

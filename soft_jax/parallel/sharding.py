@@ -1,7 +1,9 @@
 """Device mesh, logical axis names and the one rules table that maps them to mesh axes.
 
 Every parameter dimension and the activations that matter carry a *logical* name ("embed",
-"mlp", "q_heads", "batch", ...). `RULES` maps each logical name to mesh axes (MaxText / Flax
+"mlp", "q_heads", "batch", ...). Parameters get theirs where they are born (their initializers
+are wrapped in `nn.with_logical_partitioning`), so a param's names travel with it whatever
+its path; `boxed_axes` reads them off a boxed (abstract) init, keyed by param path. `RULES` maps each logical name to mesh axes (MaxText / Flax
 style); `logical_to_spec` turns names + a concrete shape into a `PartitionSpec`, dropping a
 mesh axis when it does not divide the dimension (e.g. 2 kv heads on tensor=4 stay replicated)
 or is already used by an earlier dimension. The scanned layer axis ("layers") is never sharded.
@@ -22,10 +24,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import logging
 import math
 from typing import Any, Iterable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -56,27 +58,8 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("exit_heads", None),
 )
 
-# dotted param path -> logical names, one per dimension (see model.init_params for shapes)
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embed.embedding": ("vocab", "embed"),
-    "layers.attn.q_proj.kernel": ("layers", "embed", "q_heads", "head_dim"),
-    "layers.attn.k_proj.kernel": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.attn.v_proj.kernel": ("layers", "embed", "kv_heads", "head_dim"),
-    "layers.attn.o_proj.kernel": ("layers", "q_heads", "head_dim", "embed"),
-    "layers.mlp.gate_proj.kernel": ("layers", "embed", "mlp"),
-    "layers.mlp.up_proj.kernel": ("layers", "embed", "mlp"),
-    "layers.mlp.down_proj.kernel": ("layers", "mlp", "embed"),
-    "layers.input_norm.scale": ("layers", "norm"),
-    "layers.post_attn_norm.scale": ("layers", "norm"),
-    "final_norm.scale": ("norm",),
-    "lm_head.kernel": ("embed", "vocab"),
-    "exit_heads.kernel": ("exit_heads", "embed", "vocab"),
-}
-
 BATCH_AXES = ("batch", "activation_length")
 RESIDUAL_AXES = ("batch", "activation_length", "activation_embed")
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- rules
@@ -143,40 +126,66 @@ def _path_keys(path) -> tuple[str, ...]:
     return tuple(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
 
 
-def logical_axes_for_path(path, ndim: int) -> tuple[str, ...] | None:
+def _is_box(x) -> bool:
+    return isinstance(x, nn.LogicallyPartitioned)
+
+
+def boxed_axes(boxed) -> dict[str, tuple[str | None, ...]]:
+    """{dotted param path: logical names} of a tree of `nn.LogicallyPartitioned` leaves (e.g.
+    `jax.eval_shape` of a boxed init). A non-scalar leaf without names is a ValueError: it
+    would otherwise be replicated on every device without anyone noticing."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(boxed, is_leaf=_is_box):
+        key = ".".join(_path_keys(path))
+        shape = tuple(np.shape(leaf.value if _is_box(leaf) else leaf))
+        if not _is_box(leaf):
+            if shape:
+                raise ValueError(f"param {key} {shape} has no logical axes: create it with an "
+                                 "initializer wrapped in nn.with_logical_partitioning")
+            continue
+        if len(leaf.names) != len(shape):
+            raise ValueError(f"param {key} has rank {len(shape)} {shape} but logical axes "
+                             f"{tuple(leaf.names)}")
+        out[key] = tuple(leaf.names)
+    return out
+
+
+def unbox(boxed):
+    """Plain arrays from a tree of logical-axis boxes (no sharding constraint applied)."""
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if _is_box(x) else x, boxed,
+                        is_leaf=_is_box)
+
+
+def logical_axes_for_path(path, ndim: int,
+                          axes: Mapping[str, tuple[str | None, ...]]) -> tuple[str | None, ...]:
     """Logical names for a leaf of the params tree, or of any tree that mirrors it (optax
-    mu / nu, gradients): the longest dotted suffix of its dict-key path in `PARAM_AXES`."""
-    keys = _path_keys(path)
-    for i in range(len(keys)):
-        names = PARAM_AXES.get(".".join(keys[i:]))
-        if names is not None:
-            if len(names) != ndim:
-                raise ValueError(f"param {'.'.join(keys)} has rank {ndim}; PARAM_AXES says "
-                                 f"{names}")
-            return names
-    return None
+    mu / nu, gradients): the entry of its dict-key path in `axes` (see `boxed_axes`)."""
+    key = ".".join(_path_keys(path))
+    names = axes.get(key)
+    if names is None:
+        raise ValueError(f"no logical axes for {key or jax.tree_util.keystr(path)} (rank "
+                         f"{ndim}): not a param of this model")
+    if len(names) != ndim:
+        raise ValueError(f"{key} has rank {ndim}; its param's logical axes are {names}")
+    return names
 
 
-def tree_specs(tree, mesh, rules=RULES):
-    """PartitionSpec per leaf of a params-like tree (arrays or ShapeDtypeStructs); scalars and
-    leaves without a `PARAM_AXES` entry are replicated (the latter with a warning)."""
+def tree_specs(tree, axes: Mapping[str, tuple[str | None, ...]], mesh, rules=RULES):
+    """PartitionSpec per leaf of a params-like tree (arrays or ShapeDtypeStructs) by the
+    params' logical `axes` (see `boxed_axes`); scalars (step counters) are replicated."""
     def one(path, leaf):
         shape = tuple(np.shape(leaf)) if not hasattr(leaf, "shape") else tuple(leaf.shape)
         if not shape:
             return P()
-        names = logical_axes_for_path(path, len(shape))
-        if names is None:
-            log.warning("no logical axes for %s %s: replicated", jax.tree_util.keystr(path),
-                        shape)
-            return P()
-        return logical_to_spec(names, shape, mesh, rules)
+        return logical_to_spec(logical_axes_for_path(path, len(shape), axes), shape, mesh,
+                               rules)
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def tree_shardings(tree, mesh: Mesh, rules=RULES):
+def tree_shardings(tree, axes: Mapping[str, tuple[str | None, ...]], mesh: Mesh, rules=RULES):
     """NamedSharding per leaf (see `tree_specs`)."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(tree, mesh, rules),
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(tree, axes, mesh, rules),
                         is_leaf=lambda x: isinstance(x, P))
 
 

@@ -28,7 +28,7 @@ from soft_jax.io.loading import load_model
 from soft_jax.train.heldout import per_exit_metrics
 from soft_jax.train.run_log import RunWriter, Throughput, format_metrics
 from soft_jax.utils.log import log
-from soft_jax.model.transformer import init_params
+from soft_jax.model.transformer import init_params, param_axes
 from soft_jax.data.tokenizer import load_tokenizer
 from soft_jax.train.run_config import resume_changes, validate
 from soft_jax.train.modes import exit_heads_for, train_exits, trainable_keys
@@ -174,7 +174,7 @@ def random_params(config: LlamaConfig, seed: int, mesh=None, rules=shd.RULES) ->
     key = jax.random.PRNGKey(seed)
     if mesh is None:
         return jax.jit(init)(key)
-    shardings = shd.tree_shardings(jax.eval_shape(init, key), mesh, rules)
+    shardings = shd.tree_shardings(jax.eval_shape(init, key), param_axes(config), mesh, rules)
     return jax.jit(init, out_shardings=shardings)(key)
 
 
@@ -211,7 +211,7 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
     if cfg.mode == "ict" and "exit_heads" not in params:
         params = {**params, "exit_heads": initial_exit_heads(config, params)}
     if mesh is not None:
-        params = shd.place(params, shd.tree_shardings(params, mesh, rules))
+        params = shd.place(params, shd.tree_shardings(params, param_axes(config), mesh, rules))
     return config, params
 
 
@@ -315,7 +315,8 @@ def initial_state(cfg, writer: RunWriter, ckpts: TrainCheckpoints, resume_step: 
         lambda: init_params(config, jax.random.PRNGKey(0)))
     keys = trainable_keys(params_abstract, cfg.mode)
     abstract = abstract_state(config, tx, keys, params_abstract)
-    part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len)
+    part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len,
+                             param_axes(config))
     if resume_step is not None:
         target = sharded_target(abstract, part)
         resume_step, params, opt_state, meta = ckpts.restore_latest(target.params,

@@ -102,31 +102,32 @@ def _per_device(names, shape, mesh, rules, itemsize) -> int:
     return math.prod(shd.shard_shape(shape, spec, mesh)) * itemsize
 
 
-def param_bytes(params_abstract, mesh: dict, rules=shd.RULES, keys=None) -> int:
-    """Exact per-device bytes of a params-like tree (leaves with .shape and .dtype), or of
-    its top-level groups `keys`."""
+def param_bytes(params_abstract, axes, mesh: dict, rules=shd.RULES, keys=None) -> int:
+    """Exact per-device bytes of a params-like tree (leaves with .shape and .dtype) whose
+    params declare logical `axes` (`param_axes(config)`), or of its top-level groups `keys`."""
     if keys is not None:
         params_abstract = {k: params_abstract[k] for k in keys}
     total = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(params_abstract):
-        names = shd.logical_axes_for_path(path, len(leaf.shape))
-        names = names if names is not None else (None,) * len(leaf.shape)
+        names = shd.logical_axes_for_path(path, len(leaf.shape), axes)
         total += _per_device(names, leaf.shape, mesh, rules, np.dtype(leaf.dtype).itemsize)
     return total
 
 
 def abstract_params(config: LlamaConfig):
-    from soft_jax.model.transformer import init_params
+    """(ShapeDtypeStructs of the params, their logical axes by path)."""
+    from soft_jax.model.transformer import init_params, param_axes
 
-    return jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    return (jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))),
+            param_axes(config))
 
 
-def state_bytes(params, mesh: dict, rules, mode: str) -> dict:
+def state_bytes(params, axes, mesh: dict, rules, mode: str) -> dict:
     """Per-device params, gradients and AdamW bytes: the optimizer covers the trainable
     groups only (ICT: the exit heads)."""
-    trainable = param_bytes(params, mesh, rules, trainable_keys(params, mode))
+    trainable = param_bytes(params, axes, mesh, rules, trainable_keys(params, mode))
     # AdamW: mu and nu mirror the trainable params; two int32 step counters (adam, schedule)
-    return {"params": param_bytes(params, mesh, rules), "grads": trainable,
+    return {"params": param_bytes(params, axes, mesh, rules), "grads": trainable,
             "optimizer": 2 * trainable + 2 * 4}
 
 
@@ -207,7 +208,7 @@ def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: i
     """The per-device memory plan (bytes) of one step; `mesh` = {axis: size}."""
     mesh = {a: int(mesh.get(a, 1)) for a in shd.MESH_AXES}
     c = config
-    params = abstract_params(c)
+    params, axes = abstract_params(c)
     micro = batch // grad_accum
     bspec = shd.logical_to_spec(shd.BATCH_AXES, (micro, seq), mesh, rules)
     rows = shd.shard_shape((micro, seq), bspec, mesh)[0]
@@ -216,7 +217,7 @@ def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: i
     attention = _attention(c, attention, backend)
     acts = _activations(c, mesh, rules, rows, seq, attention)
     e = len(train_exits(c, mode))
-    items = {**state_bytes(params, mesh, rules, mode),
+    items = {**state_bytes(params, axes, mesh, rules, mode),
              "batch": sum(BATCH_KEYS.values()) * in_rows * seq,
              "layers": c.num_layers * acts.saved_per_layer(c.remat_policy),
              "exit_buffer": 2 * e * acts.residual}
@@ -225,7 +226,7 @@ def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: i
     impl = resolve_loss_impl(loss_impl, e, global_tokens, chunk, c.vocab_size, backend)
     items["loss"] = acts.loss_bytes(impl, e, chunk, global_tokens)
     # one layer's weights, all-gathered over fsdp (still split over tensor), compute dtype
-    gathered = param_bytes({"layers": params["layers"]}, mesh, _gathered_rules(rules))
+    gathered = param_bytes({"layers": params["layers"]}, axes, mesh, _gathered_rules(rules))
     layer_params = gathered // c.num_layers // _nbytes(c.param_dtype) * acts.itemsize
     transient = {"layer_recompute": acts.layer_working_set,
                  "fsdp_gather": 2 * layer_params if mesh["fsdp"] > 1 else layer_params}

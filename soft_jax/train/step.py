@@ -80,12 +80,13 @@ def abstract_state(config: LlamaConfig, tx, keys: tuple[str, ...], params=None) 
 
 
 def make_partitioning(mesh, rules, state_abstract: TrainState, batch_size: int,
-                      seq_len: int) -> Partitioning:
-    """Shardings from the logical-axis rules: params and optimizer moments alike (FSDP over
-    `fsdp`, tensor parallel over `tensor`, replicated over `data`), scalars replicated."""
+                      seq_len: int, axes) -> Partitioning:
+    """Shardings from the params' logical `axes` (`param_axes(config)`) and the rules: params
+    and optimizer moments alike (FSDP over `fsdp`, tensor parallel over `tensor`, replicated
+    over `data`), scalars replicated."""
     state = TrainState(shd.replicated(mesh),
-                       shd.tree_shardings(state_abstract.params, mesh, rules),
-                       shd.tree_shardings(state_abstract.opt_state, mesh, rules))
+                       shd.tree_shardings(state_abstract.params, axes, mesh, rules),
+                       shd.tree_shardings(state_abstract.opt_state, axes, mesh, rules))
     return Partitioning(mesh, tuple(rules), state,
                         shd.batch_sharding(mesh, batch_size, seq_len, rules))
 
