@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tolerances import REASSOC
 
 import soft_jax as sj
 from soft_jax.model.config import REMAT_POLICIES
@@ -32,10 +33,10 @@ def test_scanned_and_unscanned_agree_on_losses_and_grads(policy):
         f = jax.value_and_grad(lambda p, c=c: loss_fn(c, p, batch), has_aux=True)
         (_, metrics), grads = jax.jit(f)(params)
         out[scan] = ({e: metrics[f"loss/exit_{e}"] for e in (1, 2, 3)}, grads)
-    for e in (1, 2, 3):
-        np.testing.assert_allclose(out[True][0][e], out[False][0][e], rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-                 out[True][1], out[False][1])
+    for e in (1, 2, 3):  # the same maths in another order: float32 reassociation
+        np.testing.assert_allclose(out[True][0][e], out[False][0][e], rtol=REASSOC)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=0, atol=REASSOC * float(np.abs(b).max())), out[True][1], out[False][1])
 
 
 def test_scanned_and_unscanned_agree_on_logits():
