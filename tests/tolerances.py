@@ -11,7 +11,7 @@ Each value is bounded relative to the largest magnitude of its tensor.
 
 import numpy as np
 
-from soft_jax.train_config import default_config
+from soft_jax.train.run_config import default_config
 
 REASSOC = 2.0 ** -12
 
