@@ -151,8 +151,8 @@ def test_bad_inputs_raise_clear_errors(hf_model_factory, tmp_path):
         sj.load_hf(bad)
     # unknown architecture
     cfg = json.loads((folder / "config.json").read_text())
-    cfg["architectures"] = ["MistralForCausalLM"]
-    cfg["model_type"] = "mistral"
+    cfg["architectures"] = ["GPT2LMHeadModel"]  # Mistral / Qwen are families now
+    cfg["model_type"] = "gpt2"
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConversionError, match="architecture"):
         sj.load_hf(bad)

@@ -102,13 +102,15 @@ def test_remat_tables_name_real_activations():
     from soft_jax.model.config import REMAT_SAVES
     from soft_jax.model.layers import DecoderLayer, rope_tables
 
-    params = sj.init_params(CFG, jax.random.PRNGKey(0))["layers"]
-    layer0 = jax.tree.map(lambda p: p[0], params)
-    h = jnp.zeros((1, 4, CFG.hidden_size))
-    cos, sin = rope_tables(CFG, jnp.zeros((1, 4), jnp.int32))
-    jaxpr = jax.make_jaxpr(lambda p: DecoderLayer(CFG).apply({"params": p}, h, cos, sin)[0])(
-        layer0)
-    tags = {e.params["name"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "name"}
+    tags = set()
+    for cfg in (CFG, CFG.replace(qk_norm=True, qkv_bias=True)):  # every option's tags
+        params = sj.init_params(cfg, jax.random.PRNGKey(0))["layers"]
+        layer0 = jax.tree.map(lambda p: p[0], params)
+        h = jnp.zeros((1, 4, cfg.hidden_size))
+        cos, sin = rope_tables(cfg, jnp.zeros((1, 4), jnp.int32))
+        jaxpr = jax.make_jaxpr(
+            lambda p, c=cfg: DecoderLayer(c).apply({"params": p}, h, cos, sin)[0])(layer0)
+        tags |= {e.params["name"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "name"}
     saved = {t for names in REMAT_SAVES.values() if names for t in names}
     assert saved == tags, (saved, tags)
     # the old alias is gone: it is refused by name like any unknown policy

@@ -56,7 +56,7 @@ def build_parser():
     """The parser of `soft-jax convert` and its three subcommands."""
     p = command_parser("convert", __doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("from-hf", help="HF LlamaForCausalLM folder or hub name -> Orbax checkpoint")
+    a = sub.add_parser("from-hf", help="HF folder or hub name (Llama, Mistral, Qwen2, Qwen3) -> Orbax checkpoint")
     a.add_argument("--hf", required=True)
     a.add_argument("--out", required=True)
     a.add_argument("--dtype", default="float32", choices=["auto", *DTYPES])
@@ -64,7 +64,7 @@ def build_parser():
     g = sub.add_parser("from-gguf", help="LLaMA GGUF (dequantised) -> checkpoint / HF folder")
     g.add_argument("--gguf", required=True)
     g.add_argument("--out", default=None, help="soft_jax checkpoint folder")
-    g.add_argument("--hf-out", default=None, help="plain HF LlamaForCausalLM folder")
+    g.add_argument("--hf-out", default=None, help="plain HF folder of the model's own class")
     g.add_argument("--dtype", default="float32", choices=list(DTYPES))
     g.add_argument("--exits", default=None, help="comma-separated exits to record")
     b = sub.add_parser("to-hf", help="Orbax checkpoint or training work dir -> HF folder")

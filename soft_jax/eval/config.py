@@ -18,7 +18,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "SoFT"  # label of the model in tables and figures
     c.ckpt = ""  # soft_jax checkpoint, Orbax manager dir or training work dir
-    c.hf = ""  # or a Hugging Face LlamaForCausalLM folder (exactly one of ckpt / hf)
+    c.hf = ""  # or a Hugging Face folder (Llama, Mistral, Qwen2, Qwen3) (exactly one of ckpt / hf)
     c.tokenizer = ""  # "" = saved with the checkpoint / inside the HF folder
     c.dtype = "float32"  # parameter dtype when loading a HF folder
     c.exits = ()  # 1-based layer counts; empty = the model config's exits (with the last layer)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from soft_jax.model.config import LlamaConfig
 from soft_jax.model.exits import exit_head_count
 from soft_jax.model.layers import DecoderLayer, rope_tables
-from soft_jax.model.transformer import embed, head_logits
+from soft_jax.model.transformer import embed, head_logits, window_mask
 
 Array = jax.Array
 Cache = tuple[tuple[Array, Array], ...]  # (k, v) per layer
@@ -125,12 +125,13 @@ def layer_weights(params: dict) -> tuple[dict, ...]:
     return layers if isinstance(layers, tuple) else _per_layer(layers)
 
 
-def _mask(pad: Array, slot: Array, t: int, slots: int) -> Array:
-    """[B, 1, T, S]: causal over slots, real keys only; a pad query sees itself (no empty rows)."""
+def _mask(pad: Array, slot: Array, t: int, slots: int, window: int | None) -> Array:
+    """[B, 1, T, S]: causal over slots (within the sliding window, if any: slot distance is
+    position distance), real keys only; a pad query sees itself (no empty rows)."""
     q = slot + jnp.arange(t)[:, None]
     k = jnp.arange(slots)[None, :]
     real = k[None] >= pad[:, None, None]
-    return ((k <= q)[None] & (real | (k == q)[None]))[:, None]
+    return (window_mask(q, k, window)[None] & (real | (k == q)[None]))[:, None]
 
 
 def _in_range(i: int, start, stop):
@@ -152,7 +153,7 @@ def run_layers(config: LlamaConfig, params: dict, h: Array, cache: Cache, pad: A
     t = h.shape[1]
     positions = jnp.maximum(slot + jnp.arange(t)[None, :] - pad[:, None], 0)
     cos, sin = rope_tables(config, positions)
-    mask = _mask(pad, slot, t, cache_length(cache))
+    mask = _mask(pad, slot, t, cache_length(cache), config.sliding_window)
     layer = DecoderLayer(config)
     cache = list(cache)
     for i, p in enumerate(layer_weights(params)):

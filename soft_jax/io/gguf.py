@@ -9,6 +9,8 @@ from soft_jax.io.checkpoint import atomic_dir, commit_dir, ensure_empty_output
 from soft_jax.io.hf import ConversionError
 
 GGUF_PACKAGES = ("gguf", "accelerate")
+# general.architecture values of the families soft_jax converts (Mistral GGUFs say "llama")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 def gguf_architecture(path) -> str:
@@ -38,23 +40,22 @@ def _require_gguf_packages() -> None:
 
 
 def hf_from_gguf(gguf_file, out) -> Path:
-    """Dequantise a LLaMA-architecture GGUF into a plain HF LlamaForCausalLM folder (float32
+    """Dequantise a GGUF of a supported family into a plain HF folder of its class (float32
     safetensors, config without `quantization_config`, tokenizer and chat template)."""
     path, out = Path(gguf_file), Path(out)
     ensure_empty_output(out)
     arch = gguf_architecture(path)
-    if arch != "llama":
+    if arch not in GGUF_ARCHITECTURES:
         raise ConversionError(f"GGUF file {str(path)!r} has architecture {arch!r} "
-                              "(general.architecture); only 'llama' is supported")
+                              f"(general.architecture); supported: {GGUF_ARCHITECTURES}")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=path.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
     hf_cfg = loaded.config.to_dict()
     hf_cfg.pop("quantization_config", None)
-    plain = LlamaForCausalLM(HFLlamaConfig.from_dict(hf_cfg)).to(torch.float32)
+    plain = type(loaded)(type(loaded.config).from_dict(hf_cfg)).to(torch.float32)
     plain.load_state_dict(loaded.state_dict())  # strict: every tensor accounted for
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kw)
     tmp = atomic_dir(out)

@@ -1,5 +1,6 @@
-"""Hugging Face LlamaForCausalLM folders <-> soft_jax params, both ways: configs, tensors,
-sub-model export (`save_hf(..., exit_layer=n)`) and HF folder -> checkpoint."""
+"""Hugging Face folders (Llama, Mistral, Qwen2, Qwen3; see io/families.py) <-> soft_jax
+params, both ways: configs, tensors, sub-model export (`save_hf(..., exit_layer=n)`) and HF
+folder -> checkpoint."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from soft_jax.io.checkpoint import atomic_dir, commit_dir, ensure_empty_output
+from soft_jax.io.families import (SUPPORTED_ARCHITECTURES, ConversionError,  # noqa: F401
+                                  family_fields, family_options)
 from soft_jax.model.config import DTYPES, LlamaConfig, RopeScaling
 from soft_jax.model.exits import head_kernel, uses_shared_head
 from soft_jax.model.layer_counts import layer_count
@@ -22,7 +25,6 @@ from soft_jax.model.layer_counts import layer_count
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -38,10 +40,16 @@ _LAYER_KEYS = {
     "input_layernorm.weight": (("input_norm", "scale"), "norm"),
     "post_attention_layernorm.weight": (("post_attn_norm", "scale"), "norm"),
 }
+_BIAS_KEYS = {f"self_attn.{p}_proj.bias": (("attn", f"{p}_proj", "bias"), kind)
+              for p, kind in (("q", "q_bias"), ("k", "kv_bias"), ("v", "kv_bias"))}
+_QK_NORM_KEYS = {f"self_attn.{p}_norm.weight": (("attn", f"{p}_norm", "scale"), "head_norm")
+                 for p in ("q", "k")}
 
 
-class ConversionError(ValueError):
-    """A Hugging Face folder or checkpoint that cannot be converted, with the reason."""
+def layer_keys(config: LlamaConfig) -> dict:
+    """The per-layer HF tensors of this config (its options add biases, q/k norms)."""
+    return {**_LAYER_KEYS, **(_BIAS_KEYS if config.qkv_bias else {}),
+            **(_QK_NORM_KEYS if config.qk_norm else {})}
 
 
 # ------------------------------------------------------------------------ config
@@ -68,15 +76,8 @@ def _rope_from_hf(hf: dict) -> tuple[float, RopeScaling | None]:
 
 def config_from_hf(hf: dict, dtype: str = "float32", exits=None) -> LlamaConfig:
     """LlamaConfig from a HF config.json dict (rope_theta or v5 rope_parameters style)."""
-    archs = hf.get("architectures") or []
-    if hf.get("model_type", "llama") != "llama" or (archs and not set(archs) & set(
-            SUPPORTED_ARCHITECTURES)):
-        raise ConversionError(f"config.json: unsupported architecture {archs or hf.get('model_type')}"
-                              f" (architectures/model_type); expected {SUPPORTED_ARCHITECTURES}")
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if hf.get(key, ok) != ok:
-            raise ConversionError(f"config.json: {key}={hf[key]!r} is not supported (expected {ok!r})")
     try:
+        options = family_options(hf)
         theta, scaling = _rope_from_hf(hf)
         heads = int(hf["num_attention_heads"])
         return LlamaConfig(
@@ -89,13 +90,15 @@ def config_from_hf(hf: dict, dtype: str = "float32", exits=None) -> LlamaConfig:
             max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"), exits=exits, param_dtype=dtype, dtype=dtype)
+            pad_token_id=hf.get("pad_token_id"), exits=exits, param_dtype=dtype, dtype=dtype,
+            **options)
     except KeyError as e:
         raise ConversionError(f"config.json is missing the field {e.args[0]!r}") from None
 
 
 def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
-    """A config.json that transformers 5 (rope_parameters) and 4.x (rope_theta) both read."""
+    """A config.json of `config.family`'s class that transformers 5 (rope_parameters) and 4.x
+    (rope_theta) both read."""
     rope = {"rope_type": "default", "rope_theta": config.rope_theta}
     scaling = config.rope_scaling
     if scaling is not None:
@@ -105,21 +108,20 @@ def config_to_hf(config: LlamaConfig, dtype: str) -> dict:
                         high_freq_factor=scaling.high_freq_factor,
                         original_max_position_embeddings=scaling.original_max_position_embeddings)
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
         "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
         "head_dim": config.kv_head_dim, "hidden_act": "silu", "rms_norm_eps": config.rms_norm_eps,
         "max_position_embeddings": config.max_position_embeddings,
-        "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": False,
-        "attention_dropout": 0.0, "mlp_bias": False, "initializer_range": 0.02,
-        "pretraining_tp": 1, "use_cache": True, "bos_token_id": config.bos_token_id,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "attention_dropout": 0.0, "initializer_range": 0.02,
+        "use_cache": True, "bos_token_id": config.bos_token_id,
         "eos_token_id": (list(config.eos_token_id) if isinstance(config.eos_token_id, tuple)
                          else config.eos_token_id),
         "pad_token_id": config.pad_token_id, "rope_parameters": rope,
         "rope_theta": config.rope_theta, "rope_scaling": None if config.rope_scaling is None
         else {k: v for k, v in rope.items() if k != "rope_theta"},
-        "dtype": dtype, "torch_dtype": dtype,
+        "dtype": dtype, "torch_dtype": dtype, **family_fields(config),
     }
 
 
@@ -156,13 +158,18 @@ def _take(tensors: dict, key: str, shape: tuple) -> np.ndarray:
 def _hf_layer_shape(config: LlamaConfig, kind: str) -> tuple:
     d, hd = config.hidden_size, config.kv_head_dim
     return {"q": (config.num_heads * hd, d), "kv": (config.num_kv_heads * hd, d),
-            "o": (d, config.num_heads * hd), "norm": (d,)}.get(kind)
+            "o": (d, config.num_heads * hd), "norm": (d,), "q_bias": (config.num_heads * hd,),
+            "kv_bias": (config.num_kv_heads * hd,), "head_norm": (hd,)}.get(kind)
 
 
 def _to_kernel(config: LlamaConfig, w: np.ndarray, kind: str) -> np.ndarray:
     d, hd = config.hidden_size, config.kv_head_dim
-    if kind == "norm":
+    if kind in ("norm", "head_norm"):
         return w
+    if kind == "q_bias":
+        return w.reshape(config.num_heads, hd)
+    if kind == "kv_bias":
+        return w.reshape(config.num_kv_heads, hd)
     if kind == "q":
         return w.T.reshape(d, config.num_heads, hd)
     if kind == "kv":
@@ -173,8 +180,10 @@ def _to_kernel(config: LlamaConfig, w: np.ndarray, kind: str) -> np.ndarray:
 
 
 def _from_kernel(w: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "norm":
+    if kind in ("norm", "head_norm"):
         return w
+    if kind in ("q_bias", "kv_bias"):
+        return w.reshape(-1)
     if kind in ("q", "kv"):
         return w.reshape(w.shape[0], -1).T
     if kind == "o":
@@ -206,7 +215,7 @@ def params_from_hf(config: LlamaConfig, tensors: dict[str, np.ndarray], dtype=np
     else:
         params["lm_head"] = {"kernel": cast(_take(tensors, "lm_head.weight", (v, d))).T}
     layers: dict = {}
-    for name, (path, kind) in _LAYER_KEYS.items():
+    for name, (path, kind) in layer_keys(config).items():
         shape = _hf_layer_shape(config, kind) or ((f, d) if "down" not in name else (d, f))
         stacked = [_to_kernel(config, cast(_take(tensors, f"model.layers.{i}.{name}", shape)), kind)
                    for i in range(config.num_layers)]
@@ -214,7 +223,7 @@ def params_from_hf(config: LlamaConfig, tensors: dict[str, np.ndarray], dtype=np
     params["layers"] = layers
     if tensors:
         raise ConversionError(f"unexpected tensors {sorted(tensors)[:8]} for a "
-                              f"{config.num_layers}-layer LlamaForCausalLM")
+                              f"{config.num_layers}-layer {config.family} model")
     return params
 
 
@@ -227,7 +236,7 @@ def params_to_hf(config: LlamaConfig, params: dict, dtype=None) -> dict[str, np.
          "model.norm.weight": out(params["final_norm"]["scale"])}
     if not config.tie_word_embeddings:
         t["lm_head.weight"] = out(np.asarray(jax.device_get(params["lm_head"]["kernel"])).T)
-    for name, (path, kind) in _LAYER_KEYS.items():
+    for name, (path, kind) in layer_keys(config).items():
         stacked = np.asarray(jax.device_get(_get(params["layers"], path)))
         for i in range(config.num_layers):
             t[f"model.layers.{i}.{name}"] = out(_from_kernel(stacked[i], kind))
@@ -274,7 +283,7 @@ def _resolve_hf_folder(path) -> Path:
 
 
 def load_hf(path, dtype: str | None = "float32", exits=None) -> tuple[LlamaConfig, dict]:
-    """(config, params) from a HF LlamaForCausalLM folder or hub name.
+    """(config, params) from a HF folder or hub name of a supported family (io/families.py).
 
     `dtype` is the parameter dtype ("float32", "bfloat16", "float16"); None keeps the file's.
     """
@@ -319,7 +328,7 @@ def _write_safetensors(folder: Path, tensors: dict, max_shard_bytes: int) -> Non
 def save_hf(config: LlamaConfig, params: dict, path, exit_layer: int | None = None,
             dtype: str | None = None, tokenizer_dir=None,
             max_shard_bytes: int = 5 * 1024**3) -> Path:
-    """Write a HF LlamaForCausalLM folder atomically (the `exit_layer`-layer sub-model if given).
+    """Write a HF folder of the config's family atomically (the `exit_layer`-layer sub-model if given).
 
     `dtype` None keeps the parameters' dtype; tokenizer files in `tokenizer_dir` are copied.
     """

@@ -1,4 +1,5 @@
-"""Model configuration: the LLaMA-2 family shape, dtypes, exits and named presets."""
+"""Model configuration: the LLaMA-family shape (with the Llama 3, Mistral, Qwen2 and Qwen3
+options), dtypes, exits and named presets."""
 
 from __future__ import annotations
 
@@ -11,12 +12,16 @@ from soft_jax.model.layer_counts import normalize_exits, pair_exit_weights
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "linear", "llama3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # which HF class a model converts to
 # What each remat policy keeps of a decoder layer for the backward pass, besides the layer
 # input: the checkpoint_name tags of layers.py (q/k after RoPE). None: no remat, every
 # intermediate stays alive. `save_dots` keeps every matmul output (they are all tagged);
 # `offload_dots` moves them to host memory, keeping none on the device. model.remat_policy
 # turns a name into the jax policy; soft_jax.train.memory counts the bytes of the kept tags.
-ATTN_TAGS = ("query_proj", "key_proj", "value_proj", "attn_out")
+# With qk_norm the projections before the per-head norm are tagged too (its backward needs
+# them); a tag a config does not produce costs nothing.
+ATTN_TAGS = ("query_proj", "key_proj", "value_proj", "attn_out", "query_pre_norm",
+             "key_pre_norm")
 MLP_TAGS = ("mlp_gate", "mlp_up", "mlp_out")
 REMAT_SAVES: dict[str, tuple[str, ...] | None] = {
     "none": None,
@@ -75,6 +80,10 @@ class LlamaConfig:
     scan_layers: bool = True
     attention_impl: str | None = None  # None = jax picks (cuDNN on GPU when it can), "xla", "cudnn"
     num_exit_heads: int = 0  # ICT baseline: separate LM heads for the non-final exits
+    family: str = "llama"  # one of FAMILIES: the HF class of exports
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # a query sees the last `sliding_window` keys (Mistral)
 
     def __post_init__(self):
         if self.exits is not None:
@@ -153,6 +162,12 @@ class LlamaConfig:
         if self.rope_scaling is not None and self.rope_scaling.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope type {self.rope_scaling.rope_type!r} "
                              f"(rope_scaling.rope_type); supported: {ROPE_TYPES}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"LlamaConfig.family={self.family!r}; expected one of {FAMILIES}")
+        if self.sliding_window is not None and (not isinstance(self.sliding_window, int)
+                                                or self.sliding_window < 1):
+            raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window!r}; expected a "
+                             "positive int or None")
         exits = normalize_exits(self.exits, self.num_layers)
         if self.exit_weights is not None and len(self.exit_weights) != len(exits):
             raise ValueError(f"LlamaConfig.exit_weights has {len(self.exit_weights)} entries but "
@@ -160,6 +175,11 @@ class LlamaConfig:
         if self.num_exit_heads not in (0, len(exits) - 1):
             raise ValueError(f"LlamaConfig.num_exit_heads={self.num_exit_heads}; expected 0 or "
                              f"{len(exits) - 1} (one per non-final exit)")
+
+
+def _paper_exits(num_layers: int) -> tuple[int, ...]:
+    """Exits from ~30% depth every 10% (the paper's spacing), rounded half up."""
+    return tuple(sorted({int(num_layers * k / 10 + 0.5) for k in range(3, 11)}))
 
 
 PRESETS: dict[str, dict] = {
@@ -183,6 +203,43 @@ PRESETS: dict[str, dict] = {
     "llama2-70b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672,
                        num_layers=80, num_heads=64, num_kv_heads=8,
                        exits=(24, 32, 40, 48, 56, 64, 72, 80)),
+    # Llama 3.x, Mistral, Qwen2.5 and Qwen3 with the paper's exit spacing
+    "llama3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                        rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192),
+                        max_position_embeddings=131072, tie_word_embeddings=True,
+                        bos_token_id=128000, eos_token_id=128001,
+                        exits=_paper_exits(16)),
+    "llama3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
+                        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+                        max_position_embeddings=131072, bos_token_id=128000,
+                        eos_token_id=128001, exits=_paper_exits(32)),
+    "mistral-7b": dict(family="mistral", vocab_size=32000, hidden_size=4096,
+                       intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                       sliding_window=4096, max_position_embeddings=32768,
+                       exits=_paper_exits(32)),
+    "qwen2.5-0.5b": dict(family="qwen2", qkv_bias=True, vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=151643,
+                         exits=_paper_exits(24)),
+    "qwen2.5-7b": dict(family="qwen2", qkv_bias=True, vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                       bos_token_id=None, eos_token_id=151643,
+                       exits=_paper_exits(28)),
+    "qwen3-0.6b": dict(family="qwen3", qk_norm=True, vocab_size=151936, hidden_size=1024,
+                       intermediate_size=3072, num_layers=28, num_heads=16, num_kv_heads=8,
+                       head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                       max_position_embeddings=40960, tie_word_embeddings=True,
+                       bos_token_id=None, eos_token_id=151645,
+                       exits=_paper_exits(28)),
+    "qwen3-8b": dict(family="qwen3", qk_norm=True, vocab_size=151936, hidden_size=4096,
+                     intermediate_size=12288, num_layers=36, num_heads=32, num_kv_heads=8,
+                     head_dim=128, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     max_position_embeddings=40960, bos_token_id=None, eos_token_id=151645,
+                     exits=_paper_exits(36)),
 }
 
 

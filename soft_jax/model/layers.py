@@ -1,4 +1,6 @@
-"""One LLaMA decoder layer in Flax Linen: RMSNorm, rotate-half RoPE, GQA attention, SwiGLU.
+"""One LLaMA decoder layer in Flax Linen: RMSNorm, rotate-half RoPE, GQA attention, SwiGLU,
+with the options of the other families (q/k/v biases, per-head q/k norm), each used only
+where the config sets it.
 
 The layer stack lives in `model.py`, exits and heads in `exits.py`; this file is the per-layer
 math only, written to match Hugging Face's LlamaDecoderLayer numerically.
@@ -31,11 +33,12 @@ class RMSNorm(nn.Module):
 
     eps: float
     param_dtype: jnp.dtype = jnp.float32
+    axis_name: str = "norm"  # the scale's logical axis
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
+        ones = nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,))
+        scale = self.param("scale", ones, (x.shape[-1],), self.param_dtype)
         return rms_norm(x, scale.astype(x.dtype), self.eps)
 
 
@@ -100,22 +103,35 @@ class Attention(nn.Module):
 
     def setup(self):
         cfg = self.config
-        dense = lambda feats, axis, names: nn.DenseGeneral(  # noqa: E731
-            feats, axis=axis, use_bias=False, dtype=cfg.compute_dtype,
-            param_dtype=cfg.weight_dtype, kernel_init=dense_init(names))
-        hd = cfg.kv_head_dim
-        self.q_proj = dense((cfg.num_heads, hd), -1, ("embed", "q_heads", "head_dim"))
-        self.k_proj = dense((cfg.num_kv_heads, hd), -1, ("embed", "kv_heads", "head_dim"))
-        self.v_proj = dense((cfg.num_kv_heads, hd), -1, ("embed", "kv_heads", "head_dim"))
+        def dense(feats, axis, names, bias=False):
+            return nn.DenseGeneral(
+                feats, axis=axis, use_bias=bias, dtype=cfg.compute_dtype,
+                param_dtype=cfg.weight_dtype, kernel_init=dense_init(names),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, names[1:]))
+
+        hd, bias = cfg.kv_head_dim, cfg.qkv_bias
+        self.q_proj = dense((cfg.num_heads, hd), -1, ("embed", "q_heads", "head_dim"), bias)
+        self.k_proj = dense((cfg.num_kv_heads, hd), -1, ("embed", "kv_heads", "head_dim"), bias)
+        self.v_proj = dense((cfg.num_kv_heads, hd), -1, ("embed", "kv_heads", "head_dim"), bias)
         self.o_proj = dense(cfg.hidden_size, (-2, -1), ("q_heads", "head_dim", "embed"))
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, "head_norm")
+            self.k_norm = RMSNorm(cfg.rms_norm_eps, cfg.weight_dtype, "head_norm")
+
+    def _project(self, proj, norm: str, x, cos, sin, tag: str):
+        """proj(x), per-head normed first when the config has q/k norm, then RoPE."""
+        y = proj(x)
+        if self.config.qk_norm:
+            y = getattr(self, norm)(checkpoint_name(y, tag + "_pre_norm"))
+        return checkpoint_name(apply_rope(y, cos, sin), tag + "_proj")
 
     def kv(self, x, cos, sin):
         """Keys (after RoPE) and values of the normed input x, [batch, seq, kv_heads, head_dim]."""
-        k = checkpoint_name(apply_rope(self.k_proj(x), cos, sin), "key_proj")
+        k = self._project(self.k_proj, "k_norm", x, cos, sin, "key")
         return k, checkpoint_name(self.v_proj(x), "value_proj")
 
     def __call__(self, x, cos, sin, mask=None, cache=None, cache_index=None):
-        q = checkpoint_name(apply_rope(self.q_proj(x), cos, sin), "query_proj")
+        q = self._project(self.q_proj, "q_norm", x, cos, sin, "query")
         k, v = self.kv(x, cos, sin)
         if cache is not None:
             k_cache, v_cache = cache

@@ -96,12 +96,20 @@ def param_axes(config: LlamaConfig) -> Mapping[str, tuple[str | None, ...]]:
     return MappingProxyType(boxed_axes(boxed))
 
 
-def attention_mask(segment_ids: Array) -> Array:
-    """Causal mask [batch, 1, q, k] that also keeps packed segments (and padding, id 0) apart."""
-    t = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
+def window_mask(q_pos: Array, k_pos: Array, window: int | None) -> Array:
+    """Causal (k <= q) and, with a sliding window, k within the last `window` positions of q
+    (HF's `kv_idx > q_idx - sliding_window`); broadcasts q_pos [..., q, 1] with k_pos [..., k]."""
+    causal = k_pos <= q_pos
+    return causal if window is None else causal & (q_pos - k_pos < window)
+
+
+def attention_mask(segment_ids: Array, window: int | None = None) -> Array:
+    """Causal mask [batch, 1, q, k] that also keeps packed segments (and padding, id 0) apart,
+    within a sliding window if one is given. Inside a segment positions are consecutive, so
+    index distance is position distance."""
+    idx = jnp.arange(segment_ids.shape[-1])
     same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same)[:, None]
+    return (window_mask(idx[:, None], idx[None, :], window)[None] & same)[:, None]
 
 
 def _exit_slots(exits: tuple[int, ...], num_layers: int) -> np.ndarray:
@@ -175,7 +183,9 @@ def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_tables(config, positions)
-    mask = None if segment_ids is None else attention_mask(segment_ids)
+    if segment_ids is None and config.sliding_window is not None:
+        segment_ids = jnp.ones((b, t), jnp.int32)
+    mask = None if segment_ids is None else attention_mask(segment_ids, config.sliding_window)
     return run_stack(config, params["layers"], embed(config, params, input_ids), cos, sin, mask,
                      exits)
 

@@ -55,6 +55,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    ("head_norm", None),  # per-head q/k norm scales (Qwen3): [head_dim], tiny
     ("exit_heads", None),
 )
 

@@ -144,12 +144,16 @@ class Activations:
     f_w: int  # MLP width
     v: int  # vocab as the logits are split
     scores: int  # bytes of unfused attention logits + probabilities (0 when fused)
+    qk_norm: bool = False  # Qwen3: the projections before the per-head norm are tagged too
 
     def tag_bytes(self, tag: str) -> int:
-        """Bytes of one checkpoint_name-tagged activation of a layer (layers.py)."""
+        """Bytes of one checkpoint_name-tagged activation of a layer (layers.py); 0 for a tag
+        this config's layer does not produce."""
+        norm_in = self.qk_norm
         width = {"query_proj": self.q_w, "key_proj": self.kv_w, "value_proj": self.kv_w,
                  "attn_out": self.d, "mlp_gate": self.f_w, "mlp_up": self.f_w,
-                 "mlp_out": self.d}
+                 "mlp_out": self.d, "query_pre_norm": self.q_w * norm_in,
+                 "key_pre_norm": self.kv_w * norm_in}
         return self.n * width[tag] * self.itemsize
 
     @property
@@ -160,7 +164,7 @@ class Activations:
     def layer_working_set(self) -> int:
         """Every intermediate of one layer (estimate: q/k/v, norms, SwiGLU, attention)."""
         n, cb = self.n, self.itemsize
-        qkv = n * (self.q_w + 2 * self.kv_w) * cb
+        qkv = n * (self.q_w + 2 * self.kv_w) * cb * (2 if self.qk_norm else 1)
         return (self.residual + qkv + 4 * n * self.d * cb + 4 * n * self.f_w * cb
                 + n * self.q_w * cb + self.scores)
 
@@ -194,10 +198,12 @@ def _activations(c: LlamaConfig, mesh: dict, rules, rows: int, seq: int,
     heads = split_by("activation_heads", c.num_heads)
     hd = c.kv_head_dim
     scores = 2 * rows * heads * seq * seq * 4 if attention == "xla" else 0
+    if c.sliding_window is not None:  # an explicit [rows, 1, seq, seq] bool mask
+        scores += rows * seq * seq
     return Activations(n=rows * seq, itemsize=_nbytes(c.dtype), d=c.hidden_size,
                        d_act=split_by("activation_embed", c.hidden_size), q_w=heads * hd,
                        kv_w=split_by("activation_kv_heads", c.num_kv_heads) * hd,
-                       f_w=split_by("activation_mlp", c.intermediate_size),
+                       f_w=split_by("activation_mlp", c.intermediate_size), qk_norm=c.qk_norm,
                        v=split_by("activation_vocab", c.vocab_size), scores=int(scores))
 
 
