@@ -14,7 +14,8 @@ import torch
 import jax
 import soft_jax as sj
 from conftest import hf_class
-from soft_jax.io.hf import ConversionError, config_from_hf
+from soft_jax.io.families import ConversionError
+from soft_jax.io.hf import config_from_hf
 from soft_jax.model.transformer import exit_hidden_states
 from test_hf_parity import rel_err, torch_exit_logits
 

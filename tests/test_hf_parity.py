@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import soft_jax as sj
-from soft_jax.io.hf import ConversionError, read_safetensors
+from soft_jax.io.families import ConversionError
+from soft_jax.io.hf import read_safetensors
 
 SHAPES = [
     dict(),  # GQA, untied

@@ -16,7 +16,8 @@ from soft_jax.cli.flags import command_parser, comma_ints, parse, run_command
 from soft_jax.io.checkpoint import (CheckpointError, ensure_empty_output, load_params,
                                     read_model_config, resolve_checkpoint, tokenizer_dir_of)
 from soft_jax.io.gguf import hf_from_gguf
-from soft_jax.io.hf import NP_DTYPES, ConversionError, check_exit, checkpoint_from_hf, save_hf
+from soft_jax.io.families import ConversionError
+from soft_jax.io.hf import NP_DTYPES, check_exit, checkpoint_from_hf, save_hf
 from soft_jax.model.config import DTYPES
 
 

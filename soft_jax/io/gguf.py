@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from soft_jax.io.checkpoint import atomic_dir, commit_dir, ensure_empty_output
-from soft_jax.io.hf import ConversionError
+from soft_jax.io.families import ConversionError
 
 GGUF_PACKAGES = ("gguf", "accelerate")
 # general.architecture values of the families soft_jax converts (Mistral GGUFs say "llama")

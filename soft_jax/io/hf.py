@@ -16,8 +16,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from soft_jax.io.checkpoint import atomic_dir, commit_dir, ensure_empty_output
-from soft_jax.io.families import (SUPPORTED_ARCHITECTURES, ConversionError,  # noqa: F401
-                                  family_fields, family_options)
+from soft_jax.io.families import ConversionError, family_fields, family_options
 from soft_jax.model.config import DTYPES, LlamaConfig, RopeScaling
 from soft_jax.model.exits import head_kernel, uses_shared_head
 from soft_jax.model.layer_counts import layer_count

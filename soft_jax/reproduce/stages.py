@@ -82,7 +82,8 @@ def cached(path: Path, what: str, fn):
 # ------------------------------------------------------------------------ stages
 def convert_stage(run: Path, gguf: Path) -> dict:
     """GGUF -> plain HF folder (run/hf) and soft_jax checkpoint (run/base)."""
-    from soft_jax.io.hf import checkpoint_from_hf, hf_from_gguf
+    from soft_jax.io.gguf import hf_from_gguf
+    from soft_jax.io.hf import checkpoint_from_hf
 
     def go():
         import shutil
