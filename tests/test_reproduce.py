@@ -75,12 +75,16 @@ def test_study_report_tables_targets_and_projection(tmp_path):
         (tmp_path / "eval" / name).mkdir(parents=True)
         (tmp_path / "eval" / name / "loss.json").write_text(json.dumps({"per_exit": per_exit}))
         (tmp_path / "eval" / name / "decoding.json").write_text(json.dumps(_decoding(acc)))
+    (tmp_path / "distill" / "metrics.jsonl").parent.mkdir()
+    (tmp_path / "distill" / "metrics.jsonl").write_text(json.dumps({"step": 20.0,
+                                                                    "loss/exit_30": 1.5}))
     results = finished(tmp_path)
     assert score(results["first"]["distill"]) > score(results["first"]["soft"])
     text = write_study_report(tmp_path, results).read_text()
     assert "| 24 |" in text and "**projected**" in text and "first round sft: train" in text
     assert "acceptance at draft 27 0.60 vs >= 0.60: met" in text
     assert "last-layer loss 1.000 vs <= 0.90: missed by 0.100" in text
+    assert "distill step 20" in text and "| 30 | 1.500 |" in text
     # a = 0: one token per cycle for a draft plus a verify pass, 1.01 full-model reads
     assert abs(projected_speedup(0.0, 0.5)[0] - 1 / 1.01) < 1e-12
     assert projected_speedup(0.9, 0.25)[0] > projected_speedup(0.5, 0.25)[0] > 1

@@ -136,6 +136,28 @@ def round_section(results: dict, title: str, figs: Path, tag: str) -> list[str]:
     return md + [""]
 
 
+def training_section(run: Path) -> list[str]:
+    """Per-exit *training* loss (the step's own batch) at each run's last logged step: the
+    only signal of a run whose held-out stages are not done."""
+    import json
+
+    from soft_jax.reproduce.study import RUNS
+
+    last = {}
+    for n in RUNS:
+        path = run / n / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        if lines:
+            last[n] = json.loads(lines[-1])
+    if not last:
+        return []
+    rows = [[e] + [_f(m.get(f"loss/exit_{e}")) for m in last.values()] for e in EXITS]
+    return ["## Training loss per exit at the last logged step", "",
+            "One training batch (not held out): " + ", ".join(
+                f"{n} step {int(m.get('step', 0))}" for n, m in last.items()) + ".", "",
+            markdown_table(["exit"] + list(last), rows, "---:"), ""]
+
+
 def pending(run: Path, results: dict) -> list[str]:
     """The runs / stages not done yet."""
     from soft_jax.reproduce.study import RUNS, TASKS
@@ -165,6 +187,7 @@ def write_study_report(run: Path, results: dict) -> Path:
     md += round_section(results["first"], "30 steps x 2 x 512 tokens (the reproduction's "
                         "budget), seed 42", figs, "x1")
     md += round_section(results["long"], "4x budget (120 steps)", figs, "x4")
+    md += training_section(run)
     md += ["## Pending", ""] + [f"- {p}" for p in pending(run, results)] + [""]
     path = run / "study_report.md"
     path.write_text("\n".join(md) + "\n")
