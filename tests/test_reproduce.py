@@ -50,3 +50,50 @@ def test_stage_filter_and_rouge():
     assert R.stage_path(R.Path("/r"), "eval", "soft", "loss") == R.Path("/r/eval/soft/loss.json")
     assert R.rouge_l(["a b c d"], ["a b c d"]) == 1.0
     assert R.rouge_l(["x y"], ["a b"]) == 0.0
+
+
+def _decoding(acc: float) -> dict:
+    """A `decoding` task result with every row the reports read (synthetic timings)."""
+    rows = [{"mode": "greedy", "exit": e, "label": f"greedy {e}", "ms_per_token": 10.0,
+             "speedup": 1.0, "quality": 0.0, "correct": 0, "total": 2, "rouge_l": 0.1,
+             "rejection_ratio": None, "acceptance": None, "mean_exit_layer": e,
+             "identical_to_greedy": e == 30} for e in R.EXITS]
+    rows += [{**rows[0], "mode": "speculative", "draft_exit": d, "label": f"speculative {d}",
+              "acceptance": acc, "rejection_ratio": 1 - acc, "speedup": 0.8} for d in R.EXITS[:-1]]
+    rows += [{**rows[0], "mode": "dynamic", "exit": "9:30", "thresholds": t, "label": f"dynamic {t}",
+              "mean_exit_layer": 25.0} for t in ("paper", "0.5")]
+    return {"prompts": 2, "max_new_tokens": 8, "rows": rows,
+            "acceptance": {str(d): acc for d in R.EXITS[:-1]}}
+
+
+def test_study_report_tables_targets_and_projection(tmp_path):
+    from soft_jax.reproduce.study import finished, score
+    from soft_jax.reproduce.study_report import projected_speedup, write_study_report
+
+    per_exit = {str(e): {"loss": 1.0 + (30 - e) / 10, "accuracy": 0.5, "ppl": 3.0} for e in R.EXITS}
+    for name, acc in (("soft", 0.3), ("distill", 0.6)):
+        (tmp_path / "eval" / name).mkdir(parents=True)
+        (tmp_path / "eval" / name / "loss.json").write_text(json.dumps({"per_exit": per_exit}))
+        (tmp_path / "eval" / name / "decoding.json").write_text(json.dumps(_decoding(acc)))
+    (tmp_path / "distill" / "metrics.jsonl").parent.mkdir()
+    (tmp_path / "distill" / "metrics.jsonl").write_text(json.dumps({"step": 20.0,
+                                                                    "loss/exit_30": 1.5}))
+    results = finished(tmp_path)
+    assert score(results["first"]["distill"]) > score(results["first"]["soft"])
+    text = write_study_report(tmp_path, results).read_text()
+    assert "| 24 |" in text and "**projected**" in text and "first round sft: train" in text
+    assert "acceptance at draft 27 0.60 vs >= 0.60: met" in text
+    assert "last-layer loss 1.000 vs <= 0.90: missed by 0.100" in text
+    assert "distill step 20" in text and "| 30 | 1.500 |" in text
+    # a = 0: one token per cycle for a draft plus a verify pass, 1.01 full-model reads
+    assert abs(projected_speedup(0.0, 0.5)[0] - 1 / 1.01) < 1e-12
+    assert projected_speedup(0.9, 0.25)[0] > projected_speedup(0.5, 0.25)[0] > 1
+
+
+def test_reproduction_report_reads_the_decoding_task(tmp_path):
+    from soft_jax.reproduce.report import decode_section
+
+    lines = decode_section({"decode": {"soft": _decoding(0.4)}}, tmp_path)
+    text = "\n".join(lines)
+    assert "| 24 | 0.40 / 0.80x |" in text and "| paper |" in text
+    assert (tmp_path / "speculative_speedup.png").is_file()

@@ -58,7 +58,7 @@ def tiny_demo_config(tmp_path):
 def test_demo_runs_soft_and_sft_and_writes_its_report(tiny_demo_config, tmp_path):
     from soft_jax.cli.demo import main
 
-    summary = main(["--config", str(tiny_demo_config), "--steps", "1", "--out",
+    summary = main(["--random-init", "--config", str(tiny_demo_config), "--steps", "1", "--out",
                     str(tmp_path / "demo")])
     assert set(summary["results"]) == {"SoFT", "SFT"}
     assert all(set(r) == {"2", "4"} for r in summary["results"].values())

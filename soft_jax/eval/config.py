@@ -10,7 +10,7 @@ import ml_collections
 
 from soft_jax.train.run_config import unknown_fields
 
-TASKS = ("loss", "gsm8k", "triviaqa", "generate", "sortedness", "pairwise")
+TASKS = ("loss", "gsm8k", "triviaqa", "generate", "sortedness", "pairwise", "decoding")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -89,6 +89,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.sortedness.positions = 20  # response positions 0..19
     c.sortedness.response = "reference"  # reference (the data's answer) | generated (greedy,
     #                                        model A's last layer); the same tokens for all
+
+    c.decoding = ml_collections.ConfigDict()  # the speed table (soft_jax/eval/decoding.py)
+    c.decoding.source = "gsm8k_demo:heldout"  # prompts: gsm8k | triviaqa | instruction formats
+    c.decoding.split = "test"
+    c.decoding.subset = ""
+    c.decoding.format = "gsm8k"  # quality: gsm8k accuracy, triviaqa exact match, else ROUGE-L
+    c.decoding.max_examples = 2  # greedy batch 1: every prompt is one timed run per row
+    c.decoding.max_new_tokens = 32
+    c.decoding.draft_exits = ()  # empty = every exit but the last
+    c.decoding.sweep = (0.5, 0.7, 0.9)  # uniform dynamic-exit thresholds besides the paper's
     return c
 
 
@@ -111,6 +121,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError("config.second.ckpt / config.second.hf: set at most one")
     for name in ("batch_size", "max_prompt_tokens", "gsm8k.max_new_tokens",
                  "triviaqa.max_new_tokens", "generate.max_new_tokens", "loss.seq_len",
+                 "decoding.max_new_tokens",
                  "sortedness.positions", "pairwise.judge_max_new_tokens",
                  "pairwise.judge_batch_size"):
         v = cfg
@@ -118,7 +129,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             v = v[part]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"config.{name} must be a positive int, got {v!r}")
-    for name in ("loss", "gsm8k", "triviaqa", "generate", "sortedness"):
+    for name in ("loss", "gsm8k", "triviaqa", "generate", "sortedness", "decoding"):
         v = cfg[name].max_examples
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"config.{name}.max_examples must be an int >= 0 (0 = all), "
@@ -137,6 +148,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.pairwise.judge_decoding not in ("beam", "greedy"):
         raise ValueError(f"config.pairwise.judge_decoding={cfg.pairwise.judge_decoding!r}; "
                          "expected 'beam' (PandaLM's) or 'greedy'")
+    if any(not 0 < float(t) <= 1 for t in cfg.decoding.sweep):
+        raise ValueError(f"config.decoding.sweep must hold thresholds in (0, 1], got "
+                         f"{tuple(cfg.decoding.sweep)}")
     if cfg.template not in ("auto", "chat", "plain"):
         raise ValueError(f"config.template={cfg.template!r}; expected auto, chat or plain")
     judge = cfg.pairwise.judge

@@ -256,9 +256,33 @@ def sortedness_section(r: dict, exits, name: str, out: Path) -> list[str]:
     return md
 
 
+def decoding_table(rows: list[dict]) -> str:
+    """The speed table: one row per decoding configuration."""
+    head = ["mode", "exit / draft", "ms/token", "speedup", "quality", "rejection ratio",
+            "mean exit layer", "identical to greedy"]
+    return markdown_table(head, [[
+        r["mode"] + (f" ({r['thresholds']})" if r.get("thresholds") else ""),
+        str(r.get("draft_exit", r.get("exit"))), f"{r['ms_per_token']:.1f}",
+        f"{r['speedup']:.2f}x", f"{r['metric']} {r['quality']:.3f}",
+        "-" if r["rejection_ratio"] is None else f"{r['rejection_ratio']:.2f}",
+        f"{r['mean_exit_layer']:.1f}", "yes" if r["identical_to_greedy"] else "no"]
+        for r in rows])
+
+
+def decoding_section(r: dict, exits, name: str, out: Path) -> list[str]:
+    """The decoding speed table (greedy / speculative / dynamic) and its figure."""
+    return ["## Decoding speed (greedy, batch 1)", "",
+            f"Prompts: the first {r['prompts']} of `{r['source']}` ({r['format']}), up to "
+            f"{r['max_new_tokens']} new tokens; speedup = full-model greedy ms/token "
+            f"({r['baseline_ms_per_token']:.1f}, same process) / the row's; dynamic rows "
+            "\"a:L\" exit between layer a and L at the given thresholds (paper = the paper's, "
+            "mapped by relative depth).", "",
+            decoding_table(r["rows"]), "", "![decoding](decoding.png)", ""]
+
+
 SECTIONS = {"loss": loss_section, "gsm8k": gsm8k_section, "triviaqa": triviaqa_section,
             "generate": generate_section, "pairwise": pairwise_section,
-            "sortedness": sortedness_section}  # report order
+            "sortedness": sortedness_section, "decoding": decoding_section}  # report order
 
 
 def write_report(results: dict, out: Path) -> Path:

@@ -12,6 +12,7 @@ import numpy as np
 from soft_jax.data import formats as data_lib
 from soft_jax.eval import pairwise as pw
 from soft_jax.eval import sortedness as srt
+from soft_jax.eval.decoding import task_decoding
 from soft_jax.eval.prompting import (encode_prompt, generate_ids, generate_texts, gsm8k_prompt,
                                      instruction_items, jsonable, log, read_jsonl, task_rows, write_jsonl)
 from soft_jax.eval.scoring import (LM_EVAL_GSM8K_FILTERS, cut_at_next_question,
@@ -305,4 +306,4 @@ def task_sortedness(cfg, model: LoadedModel, exits, out: Path, ctx: dict) -> dic
 
 TASK_FNS = {"loss": task_loss, "gsm8k": task_gsm8k, "triviaqa": task_triviaqa,
             "generate": task_generate, "pairwise": task_pairwise,
-            "sortedness": task_sortedness}
+            "sortedness": task_sortedness, "decoding": task_decoding}

@@ -133,36 +133,47 @@ def _layer_fn(config: LlamaConfig):
                           prevent_cse=not config.scan_layers)
 
 
+def _skippable(layer, keep: Array | None):
+    """`layer` that, where keep[b] is False, passes sequence b's residual stream through
+    unchanged (LayerSkip's layer dropout); `layer` itself when there is no mask."""
+    if keep is None:
+        return lambda p, h, k, *a: layer(p, h, *a)
+    return lambda p, h, k, *a: jnp.where(k[:, None, None], layer(p, h, *a), h)
+
+
 def run_stack(config: LlamaConfig, layers: Params, h: Array, cos: Array, sin: Array,
-              mask: Array | None, exits: tuple[int, ...]) -> Array:
+              mask: Array | None, exits: tuple[int, ...], keep: Array | None = None) -> Array:
     """Run all layers; return the residual stream after each exit layer, [n_exits, B, T, D].
 
     The scanned path keeps one [n_exits, B, T, D] buffer in the carry (one compiled body, no
     per-layer hidden states stacked); the unscanned path is a Python loop for reference.
+    `keep` (bool [layers, B], training only) skips layer l for the sequences where it is False.
     """
-    layer = _layer_fn(config)
+    layer = _skippable(_layer_fn(config), keep)
+    ks = jnp.ones((config.num_layers, 1), bool) if keep is None else keep
     if not config.scan_layers:
         outs = []
         for i in range(config.num_layers):
-            h = layer(jax.tree.map(lambda p: p[i], layers), h, cos, sin, mask)
+            h = layer(jax.tree.map(lambda p: p[i], layers), h, ks[i], cos, sin, mask)
             if i + 1 in exits:
                 outs.append(h)
         return jnp.stack(outs)
     if exits == (config.num_layers,):
-        def body(h, p):
-            return layer(p, h, cos, sin, mask), None
-        return jax.lax.scan(body, h, layers)[0][None]
+        def body(h, xs):
+            p, k = xs
+            return layer(p, h, k, cos, sin, mask), None
+        return jax.lax.scan(body, h, (layers, ks))[0][None]
 
     def body(carry, xs):
         h, buf = carry
-        p, slot = xs
-        h = layer(p, h, cos, sin, mask)
+        p, slot, k = xs
+        h = layer(p, h, k, cos, sin, mask)
         return (h, jax.lax.dynamic_update_index_in_dim(buf, h, slot, 0)), None
 
     buf = constrain(jnp.zeros((len(exits),) + h.shape, h.dtype),
                     ("activation_exits",) + RESIDUAL_AXES)
     slots = jnp.asarray(_exit_slots(exits, config.num_layers))
-    return jax.lax.scan(body, (h, buf), (layers, slots))[0][1]
+    return jax.lax.scan(body, (h, buf), (layers, slots, ks))[0][1]
 
 
 def embed(config: LlamaConfig, params: Params, input_ids: Array) -> Array:
@@ -176,8 +187,10 @@ def embed(config: LlamaConfig, params: Params, input_ids: Array) -> Array:
 
 def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,
                        positions: Array | None = None, segment_ids: Array | None = None,
-                       exits: tuple[int, ...] | None = None) -> Array:
-    """Raw (pre-norm) residual stream at each exit, [n_exits, batch, seq, hidden]."""
+                       exits: tuple[int, ...] | None = None,
+                       keep: Array | None = None) -> Array:
+    """Raw (pre-norm) residual stream at each exit, [n_exits, batch, seq, hidden]; `keep`:
+    the layer-dropout mask of `run_stack`."""
     exits = with_last(config, exits)
     b, t = input_ids.shape
     if positions is None:
@@ -187,7 +200,7 @@ def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,
         segment_ids = jnp.ones((b, t), jnp.int32)
     mask = None if segment_ids is None else attention_mask(segment_ids, config.sliding_window)
     return run_stack(config, params["layers"], embed(config, params, input_ids), cos, sin, mask,
-                     exits)
+                     exits, keep)
 
 
 def head_logits(config: LlamaConfig, params: Params, h: Array, exit_layer: int) -> Array:

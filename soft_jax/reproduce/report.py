@@ -80,41 +80,49 @@ def sortedness_section(results: dict, figs: Path) -> list[str]:
     return lines
 
 
+def _rows(dec: dict, mode: str, key: str) -> dict:
+    """{model: {str(exit or threshold label): row}} of one mode of the decoding task."""
+    return {m: {str(r[key]): r for r in d["rows"] if r["mode"] == mode} for m, d in dec.items()}
+
+
+def _cell(r: dict) -> str:
+    q = f"{r['correct']}/{r['total']}" if "correct" in r else f"{r['quality']:.2f}"
+    return f"{q}, R-L {r['rouge_l']:.2f}"
+
+
 def decode_section(results: dict, figs: Path) -> list[str]:
-    """Batch-1 CPU decoding: exits alone, self-speculative drafts, dynamic exit."""
+    """Batch-1 CPU decoding (the `decoding` eval task): exits alone, self-speculative drafts,
+    dynamic exit."""
 
     dec = results.get("decode") or {}
     if not dec:
         return []
     any_ = next(iter(dec.values()))
+    names = [MODELS.get(m, m) for m in dec]
+    alone, spec = _rows(dec, "greedy", "exit"), _rows(dec, "speculative", "draft_exit")
+    dyn = _rows(dec, "dynamic", "thresholds")
     lines = [f"## Decoding on CPU, batch 1 ({any_['prompts']} held-out prompts, up to "
-             f"{any_['max_new_tokens']} new tokens, greedy)", ""]
-    rows = [[e] + [f"{d['exit_alone'][str(e)]['ms_per_token']:.1f} "
-                   f"({d['exit_alone'][str(e)]['correct']}/{d['exit_alone'][str(e)]['total']}, "
-                   f"R-L {d['exit_alone'][str(e)]['rouge_l']:.2f})" for d in dec.values()]
-            for e in EXITS]
+             f"{any_['max_new_tokens']} new tokens, greedy; the `decoding` eval task)", ""]
+    rows = [[e] + [f"{alone[m][str(e)]['ms_per_token']:.1f} ({_cell(alone[m][str(e)])})"
+                   for m in dec] for e in EXITS]
     lines += ["Each exit alone: ms/token (GSM8K correct, ROUGE-L)", "",
-              markdown_table(["exit"] + [MODELS[m] for m in dec], rows, "---:"), ""]
-    rows = [[d] + [f"{v['speculative'][str(d)]['acceptance_rate']:.2f} / "
-                   f"{v['speculative'][str(d)]['speedup']:.2f}x" for v in dec.values()]
-            for d in EXITS[:-1]]
+              markdown_table(["exit"] + names, rows, "---:"), ""]
+    rows = [[d] + [f"{spec[m][str(d)]['acceptance']:.2f} / {spec[m][str(d)]['speedup']:.2f}x"
+                   for m in dec] for d in EXITS[:-1]]
     lines += ["Self-speculative decoding (draft exit d, verified by the full model; output "
               "asserted token-identical to greedy): acceptance rate / speedup over greedy", "",
-              markdown_table(["draft exit"] + [MODELS[m] for m in dec], rows, "---:"), ""]
-    labels = list(any_["dynamic"])
-    rows = [[lab] + [f"{v['dynamic'][lab]['mean_exit_layer']:.1f} / "
-                     f"{v['dynamic'][lab]['speedup']:.2f}x / {v['dynamic'][lab]['correct']}/"
-                     f"{v['dynamic'][lab]['total']} / {v['dynamic'][lab]['rouge_l']:.2f}"
-                     for v in dec.values()] for lab in labels]
-    rows.append(["greedy (full)"] + [f"{EXITS[-1]} / 1.00x / "
-                                     f"{v['greedy']['correct']}/{v['greedy']['total']} / "
-                                     f"{v['greedy']['rouge_l']:.2f}" for v in dec.values()])
-    lines += ["Dynamic exit (thresholds: paper defaults mapped by depth, or one uniform value): "
-              "mean exit layer / speedup in ms per token / correct / ROUGE-L", "",
-              markdown_table(["thresholds"] + [MODELS[m] for m in dec], rows, "---:"), ""]
+              markdown_table(["draft exit"] + names, rows, "---:"), ""]
+    full = str(EXITS[-1])
+    rows = [[lab] + [f"{dyn[m][lab]['mean_exit_layer']:.1f} / {dyn[m][lab]['speedup']:.2f}x / "
+                     f"{_cell(dyn[m][lab])}" for m in dec] for lab in dyn[next(iter(dec))]]
+    rows.append(["greedy (full)"] + [f"{EXITS[-1]} / 1.00x / {_cell(alone[m][full])}"
+                                     for m in dec])
+    lines += ["Dynamic exit (thresholds: the paper's mapped by depth, or one uniform value): "
+              "mean exit layer / speedup in ms per token / correct, ROUGE-L", "",
+              markdown_table(["thresholds"] + names, rows, "---:"), ""]
     line_figure(figs / "speculative_speedup.png", EXITS[:-1],
-                {MODELS[m]: [v["speculative"][str(d)]["speedup"] for d in EXITS[:-1]]
-                 for m, v in dec.items()}, "speedup over greedy", "Self-speculative decoding")
+                {MODELS.get(m, m): [spec[m][str(d)]["speedup"] for d in EXITS[:-1]]
+                 for m in dec}, "speedup over greedy", "Self-speculative decoding")
     lines += ["![speculative speedup](figures/speculative_speedup.png)", ""]
     return lines
 

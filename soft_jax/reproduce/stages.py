@@ -97,14 +97,16 @@ def convert_stage(run: Path, gguf: Path) -> dict:
     return cached(run / "convert.json", "convert GGUF", go)
 
 
-def train_config(run: Path, mode: str, size: dict):
-    """The shared budget: same steps, batch, sequence length, lr schedule and seed."""
+def train_config(run: Path, mode: str, size: dict, recipe: str = "paper", name: str = ""):
+    """The shared budget: same steps, batch, sequence length, lr schedule and seed; `recipe`
+    the exit-loss recipe, `name` the work dir under `run` (default: the mode)."""
     from soft_jax.train.run_config import default_config
 
     c = default_config()
     c.mode = mode
     c.exits = EXITS
-    c.workdir = str(run / mode)
+    c.loss.recipe = recipe
+    c.workdir = str(run / (name or mode))
     c.total_steps = size["steps"]
     c.checkpoint_every = max(1, size["steps"] // 4)
     c.keep_checkpoints = 1
@@ -127,18 +129,20 @@ def train_config(run: Path, mode: str, size: dict):
     return c
 
 
-def train_stage(run: Path, mode: str, size: dict) -> dict:
+def train_stage(run: Path, mode: str, size: dict, recipe: str = "paper", name: str = "") -> dict:
     """One fine-tuning run (resumes from its last checkpoint when interrupted)."""
     from soft_jax.train.loop import train
 
+    name = name or mode
+
     def go():
-        out = train(train_config(run, mode, size))
+        out = train(train_config(run, mode, size, recipe, name))
         if out["status"] != "done":
-            raise SystemExit(f"{mode} stopped at step {out['step']}; rerun to resume")
-        return {"steps": out["step"], "workdir": out["workdir"],
+            raise SystemExit(f"{name} stopped at step {out['step']}; rerun to resume")
+        return {"steps": out["step"], "workdir": out["workdir"], "recipe": recipe,
                 "history": out["history"], "data_rows": out["data_stats"].rows}
 
-    return cached(stage_path(run, "train", mode), f"train {mode}", go)
+    return cached(stage_path(run, "train", name), f"train {name}", go)
 
 
 # ------------------------------------------------------------------------ evaluation
@@ -149,7 +153,7 @@ def eval_config(run: Path, name: str, task: str, size: dict, second: str = ""):
     from soft_jax.eval.config import default_config
 
     c = default_config()
-    c.name, c.ckpt, c.exits, c.tasks = MODELS[name], str(run / name), EXITS, (task,)
+    c.name, c.ckpt, c.exits, c.tasks = MODELS.get(name, name), str(run / name), EXITS, (task,)
     c.out_dir = str(run / "eval" / name / task)
     c.template = "chat"
     c.batch_size = 4 if task == "loss" else 8
@@ -160,6 +164,8 @@ def eval_config(run: Path, name: str, task: str, size: dict, second: str = ""):
     c.gsm8k.max_new_tokens = size["max_new_tokens"]
     c.sortedness.max_examples = size["sortedness_examples"]
     c.sortedness.positions = size["positions"]
+    c.decoding.max_examples = size["decode_prompts"]
+    c.decoding.max_new_tokens = size["decode_new_tokens"]
     if second:
         c.second.name, c.second.ckpt = MODELS[second], str(run / second)
     return c
@@ -202,86 +208,13 @@ def _heldout() -> list[dict]:
 
 # ------------------------------------------------------------------------ decoding
 def decode_stage(run: Path, name: str, size: dict) -> dict:
-    """CPU batch-1 decoding of one model on the same prompts: each exit alone, self-speculative
-    drafts from every exit (token-identical to greedy, asserted), dynamic exit."""
+    """CPU batch-1 decoding of one model on the held-out prompts: the `decoding` eval task
+    (each exit alone, self-speculative drafts from every exit, asserted token-identical to
+    greedy, dynamic exit), cached as RUN/decode/NAME.json."""
     def go():
-        return decode_benchmark(run / name, size["decode_prompts"], size["decode_new_tokens"])
+        return eval_stage(run, name, "decoding", size=size)
 
     return cached(stage_path(run, "decode", name), f"decode {name}", go)
-
-
-def _timed(config, params, prompts, n_new, **kw) -> tuple[list[list[int]], dict]:
-    """Tokens per prompt and summed stats of soft_jax.generate, after an untimed pass over
-    the same prompts (compiles every shape the timed pass meets, adaptive draft lengths
-    included)."""
-    import warnings
-
-    from soft_jax.infer.generate import generate
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        for p in prompts:
-            generate(config, params, [p], n_new, **kw)
-        outs = [generate(config, params, [p], n_new, **kw) for p in prompts]
-    toks = [o.tokens[0] for o in outs]
-    n = sum(len(t) for t in toks)
-    stats = {"tokens": n, "time_s": sum(o.stats["time_s"] for o in outs)}
-    stats["ms_per_token"] = 1000 * stats["time_s"] / max(1, n)
-    for key in ("drafted", "accepted"):
-        if key in outs[0].stats:
-            stats[key] = sum(o.stats[key] for o in outs)
-    if "mean_exit_layer" in outs[0].stats:
-        taken = [e for o in outs for e in o.stats["exits"]]
-        stats["mean_exit_layer"] = sum(taken) / max(1, len(taken))
-    return toks, stats
-
-
-def decode_benchmark(ckpt: Path, n_prompts: int, n_new: int,
-                     sweep=(0.5, 0.7, 0.9)) -> dict:
-    """ms/token per exit alone, speculative acceptance / speedup per draft exit, dynamic-exit
-    speedup with accuracy and ROUGE-L (default thresholds and uniform `sweep` thresholds)."""
-    from soft_jax.data.formats import chat_prompt
-    from soft_jax.io.loading import load_model
-    from soft_jax.eval.scoring import extract_gsm8k_answer
-
-    model = load_model(ckpt)
-    config, params, tok = model.config.replace(exits=EXITS), model.params, model.tokenizer
-    rows = _heldout()[:n_prompts]
-    prompts = [tok.encode(chat_prompt(tok, [{"role": "user", "content": r["question"]}]),
-                          add_special_tokens=False) for r in rows]
-
-    def quality(toks):
-        texts = [tok.decode(t, skip_special_tokens=True) for t in toks]
-        correct = sum(extract_gsm8k_answer(t) == extract_gsm8k_answer(r["answer"])
-                      for t, r in zip(texts, rows))
-        return {"correct": int(correct), "total": len(rows),
-                "rouge_l": rouge_l(texts, [r["answer"] for r in rows])}
-
-    greedy, full = _timed(config, params, prompts, n_new)
-    out = {"prompts": len(prompts), "max_new_tokens": n_new, "greedy": {**full, **quality(greedy)},
-           "exit_alone": {}, "speculative": {}, "dynamic": {}}
-    for e in EXITS:
-        toks, st = (greedy, full) if e == config.num_layers else _timed(
-            config, params, prompts, n_new, exit_layer=e)
-        out["exit_alone"][str(e)] = {**st, **quality(toks)}
-        log(f"decode {ckpt.name} exit {e}: {st['ms_per_token']:.1f} ms/token")
-    for d in EXITS[:-1]:
-        toks, st = _timed(config, params, prompts, n_new, draft_exit=d)
-        if toks != greedy:
-            raise AssertionError(f"self-speculative decoding with draft exit {d} changed the "
-                                 "greedy output")
-        st.update(acceptance_rate=st["accepted"] / max(1, st["drafted"]),
-                  speedup=full["ms_per_token"] / st["ms_per_token"])
-        out["speculative"][str(d)] = st
-        log(f"decode {ckpt.name} draft {d}: acceptance {st['acceptance_rate']:.2f}, "
-            f"speedup {st['speedup']:.2f}x")
-    for label, thr in [("default", None)] + [(f"{t:g}", t) for t in sweep]:
-        toks, st = _timed(config, params, prompts, n_new, thresholds=thr, dynamic=True)
-        st.update(speedup=full["ms_per_token"] / st["ms_per_token"], **quality(toks))
-        out["dynamic"][label] = st
-        log(f"decode {ckpt.name} dynamic {label}: mean exit {st['mean_exit_layer']:.1f}, "
-            f"speedup {st['speedup']:.2f}x, {st['correct']}/{st['total']} correct")
-    return out
 
 
 def run_stages(run: Path, full: bool = False, gguf: str | None = None, models: str = "",

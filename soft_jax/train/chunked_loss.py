@@ -72,6 +72,7 @@ class ChunkSpec(NamedTuple):
     compute_dtype: str  # numpy dtype name, e.g. "float32" / "bfloat16"
     chunk: int  # sequence positions per chunk (x batch = tokens per chunk)
     kidx: tuple[int, ...]  # per exit: row of the kernel table to use
+    distill: bool = False  # also KL(p_last || p_exit), the last exit's chunk as the teacher
 
 
 def _layout(spec: ChunkSpec, hidden: Array) -> tuple[int, int, int, int, int]:
@@ -102,12 +103,31 @@ def _chunk_inputs(spec: ChunkSpec, hidden, kernels, targets, mask, i):
     # positions before j*C belong to the previous chunk (only when the last one is shifted)
     fresh = (start + jnp.arange(c, dtype=jnp.int32)) >= j * c
     m = jax.lax.dynamic_slice_in_dim(mask, start, c, axis=1) * fresh.astype(mask.dtype)
+    return e, start, h, _kernel(spec, kernels, e), tg, m
+
+
+def _kernel(spec: ChunkSpec, kernels: Array, e) -> Array:
+    """The head kernel [D, V] of exit index `e`."""
     if kernels.shape[0] == 1:
-        kernel = kernels[0]
-    else:
-        k = jnp.asarray(spec.kidx, jnp.int32)[e]
-        kernel = jax.lax.dynamic_index_in_dim(kernels, k, 0, keepdims=False)
-    return e, start, h, kernel, tg, m
+        return kernels[0]
+    k = jnp.asarray(spec.kidx, jnp.int32)[e]
+    return jax.lax.dynamic_index_in_dim(kernels, k, 0, keepdims=False)
+
+
+def _teacher(spec: ChunkSpec, hidden, scale, kernels, start):
+    """(softmax, log-softmax) of the last exit's logits at the chunk's positions, no gradient:
+    the self-distillation teacher, one more [B, Tc, V] block in the same chunk."""
+    _, b, _, d, _ = _layout(spec, hidden)
+    last = hidden.shape[0] - 1
+    h = jax.lax.dynamic_slice(hidden, (last, 0, start, 0), (1, b, spec.chunk, d))[0]
+    logits = _logits(spec, _norm(spec, h, scale), _kernel(spec, kernels, last))
+    logq = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
+    return jnp.exp(logq), logq
+
+
+def _kl(q, logq, logits, lse):
+    """Per-token KL(q || softmax(logits)) from the student's float32 logits and lse."""
+    return jnp.sum(q * (logq - logits), axis=-1) + lse
 
 
 def _logits(spec: ChunkSpec, x: Array, kernel: Array) -> Array:
@@ -129,26 +149,30 @@ def _target_logit(logits: Array, t: Array) -> Array:
 
 
 def _value_scan(spec: ChunkSpec, hidden, scale, kernels, targets, mask):
-    """Per-exit masked sums of CE and lse^2, float32 [E] each. No gradients."""
+    """Per-exit masked sums of CE, lse^2 and (with spec.distill, else 0) KL to the last
+    exit, float32 [E] each. No gradients."""
     e_count, _, _, _, n_c = _layout(spec, hidden)
 
     def body(sums, i):
-        e, _, h, kernel, t, m = _chunk_inputs(spec, hidden, kernels, targets, mask, i)
+        e, start, h, kernel, t, m = _chunk_inputs(spec, hidden, kernels, targets, mask, i)
         logits = _logits(spec, _norm(spec, h, scale), kernel)
         lse = jax.nn.logsumexp(logits, axis=-1)
         ce = lse - _target_logit(logits, t)
-        return sums.at[:, e].add(jnp.stack([jnp.sum(ce * m), jnp.sum(lse * lse * m)])), None
+        kl = (jnp.sum(_kl(*_teacher(spec, hidden, scale, kernels, start), logits, lse) * m)
+              if spec.distill else 0.0)
+        return sums.at[:, e].add(jnp.stack([jnp.sum(ce * m), jnp.sum(lse * lse * m), kl])), None
 
-    sums = jax.lax.scan(body, jnp.zeros((2, e_count), jnp.float32),
+    sums = jax.lax.scan(body, jnp.zeros((3, e_count), jnp.float32),
                         jnp.arange(e_count * n_c, dtype=jnp.int32))[0]
-    return sums[0], sums[1]
+    return sums[0], sums[1], sums[2]
 
 
-def _grad_scan(spec: ChunkSpec, hidden, scale, kernels, targets, mask, coef, zcoef):
-    """Sums as `_value_scan`, plus the gradients of sum_e coef_e*ce_e + zcoef_e*z_e.
+def _grad_scan(spec: ChunkSpec, hidden, scale, kernels, targets, mask, coef, zcoef, kcoef):
+    """Sums as `_value_scan`, plus the gradients of sum_e coef_e*ce_e + zcoef_e*z_e +
+    kcoef_e*kl_e (the teacher held fixed).
 
-    Returns (ce_sums, z_sums, d_hidden, d_scale, d_kernels) with d_hidden in hidden's dtype
-    and the others in their parameter dtypes (accumulated in float32).
+    Returns (ce_sums, z_sums, kl_sums, d_hidden, d_scale, d_kernels) with d_hidden in hidden's
+    dtype and the others in their parameter dtypes (accumulated in float32).
     """
     e_count, b, _, d, n_c = _layout(spec, hidden)
     c = spec.chunk
@@ -163,11 +187,17 @@ def _grad_scan(spec: ChunkSpec, hidden, scale, kernels, targets, mask, coef, zco
         logits = _logits(spec, x, kc)
         lse, p = _lse_parts(logits)
         tl = _target_logit(logits, t)
-        sums = sums.at[:, e].add(jnp.stack([jnp.sum((lse - tl) * m), jnp.sum(lse * lse * m)]))
         a = m * coef[e]
         zb = m * zcoef[e] * 2.0 * lse
         onehot = jnp.arange(logits.shape[-1], dtype=jnp.int32) == t[..., None]
         dlogits = p * (a + zb)[..., None] - jnp.where(onehot, a[..., None], 0.0)
+        kl = 0.0
+        if spec.distill:  # d KL(q || p) / d logits = p - q
+            q, logq = _teacher(spec, hidden, scale, kernels, start)
+            kl = jnp.sum(_kl(q, logq, logits, lse) * m)
+            dlogits = dlogits + (m * kcoef[e])[..., None] * (p - q)
+        sums = sums.at[:, e].add(jnp.stack([jnp.sum((lse - tl) * m), jnp.sum(lse * lse * m),
+                                            kl]))
         dl = dlogits.astype(spec.compute_dtype)
         dx = jnp.einsum("btv,dv->btd", dl, kc, preferred_element_type=jnp.float32)
         dk_c = jnp.einsum("btd,btv->dv", x, dl, preferred_element_type=jnp.float32)
@@ -183,31 +213,36 @@ def _grad_scan(spec: ChunkSpec, hidden, scale, kernels, targets, mask, coef, zco
             dk = jax.lax.dynamic_update_index_in_dim(dk, dk[k] + dk_c, k, 0)
         return (sums, dh_buf, dscale, dk), None
 
-    init = (jnp.zeros((2, e_count), jnp.float32), jnp.zeros_like(hidden),
+    init = (jnp.zeros((3, e_count), jnp.float32), jnp.zeros_like(hidden),
             jnp.zeros(scale.shape, jnp.float32), dk0)
     sums, dh, dscale, dk = jax.lax.scan(body, init,
                                         jnp.arange(e_count * n_c, dtype=jnp.int32))[0]
     dk = (dk[None] if single else dk).astype(kernels.dtype)
-    return sums[0], sums[1], dh, dscale.astype(scale.dtype), dk
+    return sums[0], sums[1], sums[2], dh, dscale.astype(scale.dtype), dk
 
 
 # ------------------------------------------------------------------ fused: grads in forward
+def _combined(coef, zcoef, kcoef, ce, z, kl):
+    return jnp.sum(coef * ce) + jnp.sum(zcoef * z) + jnp.sum(kcoef * kl)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(spec, hidden, scale, kernels, targets, mask, coef, zcoef):
-    ce, z = _value_scan(spec, hidden, scale, kernels, targets, mask)
-    return jnp.sum(coef * ce) + jnp.sum(zcoef * z), ce, z
+def _fused(spec, hidden, scale, kernels, targets, mask, coef, zcoef, kcoef):
+    sums = _value_scan(spec, hidden, scale, kernels, targets, mask)
+    return (_combined(coef, zcoef, kcoef, *sums), *sums)
 
 
-def _fused_fwd(spec, hidden, scale, kernels, targets, mask, coef, zcoef):
-    ce, z, dh, ds, dk = _grad_scan(spec, hidden, scale, kernels, targets, mask, coef, zcoef)
-    return (jnp.sum(coef * ce) + jnp.sum(zcoef * z), ce, z), (dh, ds, dk)
+def _fused_fwd(spec, hidden, scale, kernels, targets, mask, coef, zcoef, kcoef):
+    *sums, dh, ds, dk = _grad_scan(spec, hidden, scale, kernels, targets, mask, coef, zcoef,
+                                   kcoef)
+    return (_combined(coef, zcoef, kcoef, *sums), *sums), (dh, ds, dk)
 
 
 def _fused_bwd(spec, res, cts):
     dh, ds, dk = res
     g = cts[0]  # the per-exit sums are returned under stop_gradient by the caller
     mul = lambda x: (g * x.astype(jnp.float32)).astype(x.dtype)  # noqa: E731
-    return mul(dh), mul(ds), mul(dk), None, None, None, None
+    return mul(dh), mul(ds), mul(dk), None, None, None, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
@@ -226,9 +261,8 @@ def _recompute_fwd(spec, hidden, scale, kernels, targets, mask):
 
 def _recompute_bwd(spec, res, cts):
     hidden, scale, kernels, targets, mask = res
-    g_ce, g_z = cts
-    _, _, dh, ds, dk = _grad_scan(spec, hidden, scale, kernels, targets, mask,
-                                  g_ce.astype(jnp.float32), g_z.astype(jnp.float32))
+    *_, dh, ds, dk = _grad_scan(spec, hidden, scale, kernels, targets, mask,
+                                *(g.astype(jnp.float32) for g in cts))
     return dh, ds, dk, None, None
 
 
@@ -238,16 +272,19 @@ _recompute.defvjp(_recompute_fwd, _recompute_bwd)
 # ------------------------------------------------------------------------------ public API
 def chunked_exit_sums(config, params, hidden: Array, targets: Array, mask: Array,
                       exits: tuple[int, ...], *, chunk_tokens: int | None = None,
-                      coef: Array | None = None, zcoef: Array | None = None):
-    """Per-exit masked sums of CE and lse^2 over hidden [E, B, T, D] without full logits.
+                      coef: Array | None = None, zcoef: Array | None = None,
+                      kcoef: Array | None = None, distill: bool = False):
+    """Per-exit masked sums of CE, lse^2 and KL(p_last || p_exit) over hidden [E, B, T, D]
+    without full logits (the KL sums are 0 unless `distill`).
 
-    Chunks are [B, chunk_tokens // B, V] blocks of logits (whole batch, a slice of positions).
+    Chunks are [B, chunk_tokens // B, V] blocks of logits (whole batch, a slice of positions);
+    with `distill` each chunk also holds the last exit's block at the same positions.
 
-    With `coef`/`zcoef` (float32 [E], no gradient) the fused mode is used and the first
-    output is the differentiable scalar sum_e coef_e*ce_e + zcoef_e*z_e; the per-exit sums
-    are then returned under stop_gradient. Without them the recompute mode is used and the
-    first output is None; the sums are differentiable.
-    Returns (scalar or None, ce_sums [E], z_sums [E]).
+    With `coef`/`zcoef`/`kcoef` (float32 [E], no gradient) the fused mode is used and the
+    first output is the differentiable scalar sum_e coef_e*ce_e + zcoef_e*z_e + kcoef_e*kl_e;
+    the per-exit sums are then returned under stop_gradient. Without them the recompute mode
+    is used and the first output is None; the sums are differentiable (the teacher is not).
+    Returns (scalar or None, ce_sums [E], z_sums [E], kl_sums [E]).
     """
     e_count, b, t, _ = hidden.shape
     if e_count != len(exits):
@@ -257,15 +294,13 @@ def chunked_exit_sums(config, params, hidden: Array, targets: Array, mask: Array
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     kernels, kidx = head_table(config, params, exits)
     spec = ChunkSpec(float(config.rms_norm_eps), jnp.dtype(config.compute_dtype).name,
-                     chunk_positions(chunk, b, t), kidx)
+                     chunk_positions(chunk, b, t), kidx, bool(distill))
     targets = targets.reshape(b, t).astype(jnp.int32)
     m = mask.reshape(b, t).astype(jnp.float32)
     scale = params["final_norm"]["scale"]
     if coef is None:
-        ce, z = _recompute(spec, hidden, scale, kernels, targets, m)
-        return None, ce, z
-    zcoef = jnp.zeros_like(coef) if zcoef is None else zcoef
-    loss, ce, z = _fused(spec, hidden, scale, kernels, targets, m,
-                         jax.lax.stop_gradient(coef.astype(jnp.float32)),
-                         jax.lax.stop_gradient(zcoef.astype(jnp.float32)))
-    return loss, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(z)
+        return (None, *_recompute(spec, hidden, scale, kernels, targets, m))
+    fixed = [jax.lax.stop_gradient((jnp.zeros_like(coef) if c is None else c).astype(
+        jnp.float32)) for c in (coef, zcoef, kcoef)]
+    loss, *sums = _fused(spec, hidden, scale, kernels, targets, m, *fixed)
+    return (loss, *(jax.lax.stop_gradient(x) for x in sums))

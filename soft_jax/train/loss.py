@@ -1,5 +1,9 @@
 """The sorted multi-exit loss: (1/|exits|) * sum_exits CE_exit through the shared head.
 
+Recipes (soft_jax/train/recipes.py) change the exit weights (`weights`), add a
+self-distillation term `distill * sum_e w_e KL(p_last || p_e)` with a stop-gradient teacher,
+or drop layers (`keep`); the defaults are the paper's mean.
+
 Two implementations, chosen by `loss_fn(..., impl=...)`:
 
 * ``"plain"``: `exit_loss_from_hidden`, float32 [B, T, V] logits per exit (autodiff keeps
@@ -82,7 +86,8 @@ def token_cross_entropy(logits: Array, targets: Array) -> tuple[Array, Array]:
 
 def combine_exit_losses(config: LlamaConfig, exits: tuple[int, ...], per_exit_sum: Array,
                         count: Array, z_sum: Array | None = None, z_loss: float = 0.0,
-                        weights=None) -> tuple[Array, dict]:
+                        weights=None, kl_sum: Array | None = None,
+                        distill: float = 0.0) -> tuple[Array, dict]:
     """Token means per exit, their weighted mean, and the metrics dict."""
     denom = jnp.maximum(count, 1.0)
     per_exit = per_exit_sum / denom
@@ -94,21 +99,35 @@ def combine_exit_losses(config: LlamaConfig, exits: tuple[int, ...], per_exit_su
         z = jnp.sum(w * z_sum / denom)
         metrics["z_loss"] = z
         loss = loss + z_loss * z
+    if kl_sum is not None and distill:
+        kl = kl_sum / denom
+        metrics.update({f"kl/exit_{e}": kl[i] for i, e in enumerate(exits[:-1])})
+        loss = loss + distill * jnp.sum(w * kl)
     return loss, metrics
+
+
+def teacher_kl(logits: Array, teacher_logits: Array) -> Array:
+    """Per-token KL(softmax(teacher) || softmax(logits)), the teacher held fixed."""
+    logq = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
+    return jnp.sum(jnp.exp(logq) * (logq - jax.nn.log_softmax(logits, axis=-1)), axis=-1)
 
 
 def exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: Array,
                           mask: Array, exits: tuple[int, ...], z_loss: float = 0.0,
-                          weights=None) -> tuple[Array, dict]:
+                          weights=None, distill: float = 0.0) -> tuple[Array, dict]:
     """Plain multi-exit loss: materialises each exit's [B, T, V] logits (one at a time)."""
     m = mask.astype(jnp.float32)
-    sums, zs = [], []
+    teacher = head_logits(config, params, hidden[-1], exits[-1]) if distill else None
+    sums, zs, kls = [], [], []
     for i, e in enumerate(exits):
-        ce, lse = token_cross_entropy(head_logits(config, params, hidden[i], e), targets)
+        logits = head_logits(config, params, hidden[i], e)
+        ce, lse = token_cross_entropy(logits, targets)
         sums.append(jnp.sum(ce * m))
         zs.append(jnp.sum(lse * lse * m))
+        if distill:
+            kls.append(jnp.sum(teacher_kl(logits, teacher) * m))
     return combine_exit_losses(config, exits, jnp.stack(sums), m.sum(), jnp.stack(zs), z_loss,
-                               weights)
+                               weights, jnp.stack(kls) if distill else None, distill)
 
 
 def resolve_loss_impl(impl: str, n_exits: int, n_tokens: int, chunk_tokens: int | None = None,
@@ -126,43 +145,44 @@ def resolve_loss_impl(impl: str, n_exits: int, n_tokens: int, chunk_tokens: int 
 def chunked_exit_loss_from_hidden(config: LlamaConfig, params, hidden: Array, targets: Array,
                                   mask: Array, exits: tuple[int, ...], z_loss: float = 0.0,
                                   chunk_tokens: int | None = None, recompute: bool = False,
-                                  weights=None) -> tuple[Array, dict]:
+                                  weights=None, distill: float = 0.0) -> tuple[Array, dict]:
     """Same loss and metrics as `exit_loss_from_hidden`, never holding more than one chunk
-    of logits (see soft_jax/chunked_loss.py)."""
+    of logits (two with `distill`: the exit's and the teacher's; see chunked_loss.py)."""
     m = mask.astype(jnp.float32)
     count = m.sum()
+    kw = dict(chunk_tokens=chunk_tokens, distill=bool(distill))
     if recompute:
-        _, ce, z = chunked_exit_sums(config, params, hidden, targets, m, exits,
-                                     chunk_tokens=chunk_tokens)
-        return combine_exit_losses(config, exits, ce, count, z, z_loss, weights)
+        _, ce, z, kl = chunked_exit_sums(config, params, hidden, targets, m, exits, **kw)
+        return combine_exit_losses(config, exits, ce, count, z, z_loss, weights, kl, distill)
     coef = exit_weights(config, exits, weights) / jnp.maximum(count, 1.0)
     zcoef = coef * z_loss if z_loss else jnp.zeros_like(coef)
-    loss, ce, z = chunked_exit_sums(config, params, hidden, targets, m, exits,
-                                    chunk_tokens=chunk_tokens, coef=coef, zcoef=zcoef)
-    _, metrics = combine_exit_losses(config, exits, ce, count, z, z_loss, weights)
+    loss, ce, z, kl = chunked_exit_sums(config, params, hidden, targets, m, exits, coef=coef,
+                                        zcoef=zcoef, kcoef=coef * distill, **kw)
+    _, metrics = combine_exit_losses(config, exits, ce, count, z, z_loss, weights, kl, distill)
     return loss, metrics
 
 
 def loss_fn(config: LlamaConfig, params, batch: dict, exits: tuple[int, ...] | None = None,
             z_loss: float = 0.0, impl: str = "auto", chunk_tokens: int | None = None,
-            weights=None) -> tuple[Array, dict]:
+            weights=None, distill: float = 0.0, keep=None) -> tuple[Array, dict]:
     """The multi-exit training loss for one batch (not jitted; call inside your step).
 
     `impl`: "auto" | "plain" | "chunked" | "chunked_recompute" (see the module docstring);
     `chunk_tokens`: tokens per chunk of the chunked loss (default: `default_chunk_tokens`);
-    `weights`: per-exit weights overriding the config's (may be traced).
+    `weights`: per-exit weights overriding the config's (may be traced); `distill`: the
+    factor of the KL-to-the-last-exit term; `keep`: a layer-dropout mask [layers, batch].
     """
     exits = with_last(config, exits)
     targets, mask = batch_targets(batch)
     hidden = exit_hidden_states(config, params, jnp.asarray(batch["input_ids"], jnp.int32),
-                                batch.get("positions"), batch.get("segment_ids"), exits)
+                                batch.get("positions"), batch.get("segment_ids"), exits, keep)
     impl = resolve_loss_impl(impl, len(exits), targets.size, chunk_tokens, config.vocab_size)
     if impl == "plain":
         return exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss,
-                                     weights)
+                                     weights, distill)
     return chunked_exit_loss_from_hidden(config, params, hidden, targets, mask, exits, z_loss,
                                          chunk_tokens, recompute=impl == "chunked_recompute",
-                                         weights=weights)
+                                         weights=weights, distill=distill)
 
 
 @partial(jax.jit, static_argnames=("config", "exits"))

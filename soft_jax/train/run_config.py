@@ -11,6 +11,7 @@ import ml_collections
 from soft_jax.data.formats import FORMATS, TEMPLATES
 from soft_jax.parallel.distributed import MODES as DISTRIBUTED_MODES
 from soft_jax.train.modes import MODES
+from soft_jax.train.recipes import check_recipe
 
 def default_config() -> ml_collections.ConfigDict:
     """All training fields with defaults (a tiny random model on the packaged GSM8K demo)."""
@@ -67,6 +68,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.impl = "auto"  # auto | plain | chunked | chunked_recompute (soft_jax/loss.py)
     c.loss.chunk_tokens = 0  # tokens per chunk of the chunked loss; 0 = backend default
     c.loss.z_loss = 0.0
+    # Exit-loss recipe (soft_jax/train/recipes.py): paper | depth | last_boost | distill |
+    # layerskip; the other fields are read only by the recipe they name.
+    c.loss.recipe = "paper"
+    c.loss.last_weight = 0.0  # last_boost: the last layer's weight (others 1); 0 = |E| - 1
+    c.loss.distill_weight = 1.0  # distill: factor of KL(p_last || p_exit)
+    c.loss.layer_dropout = 0.2  # layerskip: skip rate at the last layer (0 at the first)
+    c.loss.curriculum_period = 2  # layerskip: rotational curriculum period R (1 = off)
 
     # Device mesh (soft_jax/sharding.py): total axis sizes, one of them may be -1 = the rest.
     # data: params replicated; fsdp: params / grads / optimizer state sharded (ZeRO-3);
@@ -136,6 +144,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.data.template not in TEMPLATES:
         raise ValueError(f"config.data.template={cfg.data.template!r}; expected "
                          f"{', '.join(TEMPLATES)}")
+    check_recipe(cfg.loss)
     if cfg.distributed.mode not in DISTRIBUTED_MODES:
         raise ValueError(f"config.distributed.mode={cfg.distributed.mode!r}; expected "
                          f"{', '.join(DISTRIBUTED_MODES)}")

@@ -21,6 +21,7 @@ from soft_jax.model.config import LlamaConfig
 from soft_jax.train.loss import loss_fn
 from soft_jax.model.transformer import init_params
 from soft_jax.train.modes import train_exits
+from soft_jax.train.recipes import Recipe, layer_keep, step_weights
 
 
 @struct.dataclass
@@ -48,13 +49,15 @@ class StepSettings:
     z_loss: float = 0.0
     loss_impl: str = "auto"
     chunk_tokens: int | None = None  # None: the backend's default chunk
+    recipe: Recipe = Recipe()
 
     @classmethod
     def from_config(cls, cfg) -> "StepSettings":
         """The step settings of a training config (soft_jax/train/run_config.py)."""
         return cls(mode=str(cfg.mode), seed=int(cfg.seed), grad_accum=int(cfg.grad_accum),
                    z_loss=float(cfg.loss.z_loss), loss_impl=str(cfg.loss.impl),
-                   chunk_tokens=int(cfg.loss.chunk_tokens) or None)
+                   chunk_tokens=int(cfg.loss.chunk_tokens) or None,
+                   recipe=Recipe.from_config(cfg.loss))
 
 
 class Partitioning(NamedTuple):
@@ -110,30 +113,34 @@ def make_train_step(config: LlamaConfig, settings: StepSettings, tx, schedule,
     exits = train_exits(config, s.mode)
     accum = s.grad_accum
 
-    def loss_of(trainable, frozen, batch, rng):
-        weights = None
+    def loss_of(trainable, frozen, batch, rng, step):
+        weights = step_weights(s.recipe, exits, step) if len(exits) > 1 else None
         if s.mode == "sortednet":  # one sub-model per step, drawn uniformly
             idx = jax.random.randint(rng, (), 0, len(exits))
             weights = jax.nn.one_hot(idx, len(exits))
+        keep = layer_keep(s.recipe, rng, config.num_layers, batch["input_ids"].shape[0])
         loss, metrics = loss_fn(config, {**frozen, **trainable}, batch, exits, z_loss=s.z_loss,
-                                impl=s.loss_impl, chunk_tokens=s.chunk_tokens, weights=weights)
-        if weights is not None:
+                                impl=s.loss_impl, chunk_tokens=s.chunk_tokens, weights=weights,
+                                distill=s.recipe.distill if len(exits) > 1 else 0.0,
+                                keep=keep)
+        if s.mode == "sortednet":
             metrics = {**metrics, "sampled_exit": jnp.asarray(exits)[idx]}
         return loss, metrics
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def accumulated(trainable, frozen, batch, rng):
+    def accumulated(trainable, frozen, batch, rng, step):
         """Mean gradients and metrics over `accum` micro-batches (a scan: one compiled body)."""
         micro = jax.tree.map(lambda x: shd.constrain(
             x.reshape((accum, -1) + x.shape[1:]), (None,) + shd.BATCH_AXES), batch)
 
         def one(acc, mb):
-            (_, m), g = grad_fn(trainable, frozen, mb, rng)
+            (_, m), g = grad_fn(trainable, frozen, mb, rng, step)
             return jax.tree.map(jnp.add, acc, (g, m)), None
 
         shapes = jax.eval_shape(lambda: grad_fn(trainable, frozen,
-                                                jax.tree.map(lambda x: x[0], micro), rng))
+                                                jax.tree.map(lambda x: x[0], micro), rng,
+                                                step))
         init = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), (shapes[1], shapes[0][1]))
         (grads, metrics), _ = jax.lax.scan(one, init, micro)
         return jax.tree.map(lambda x: x / accum, (grads, metrics))
@@ -142,9 +149,9 @@ def make_train_step(config: LlamaConfig, settings: StepSettings, tx, schedule,
         trainable, frozen = state.split(keys)
         rng = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
         if accum == 1:
-            (_, metrics), grads = grad_fn(trainable, frozen, batch, rng)
+            (_, metrics), grads = grad_fn(trainable, frozen, batch, rng, state.step)
         else:
-            grads, metrics = accumulated(trainable, frozen, batch, rng)
+            grads, metrics = accumulated(trainable, frozen, batch, rng, state.step)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step)}
