@@ -38,9 +38,21 @@ def same(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def params_file(step_dir: Path) -> Path:
-    files = [f for f in (step_dir / "params").rglob("*") if f.is_file() and "/d/" in str(f)]
+def params_file(step_dir: Path, item: str = "params") -> Path:
+    files = [f for f in (step_dir / item).rglob("*") if f.is_file() and "/d/" in str(f)]
     return max(files, key=lambda f: f.stat().st_size)
+
+
+def copy_run(run8, tmp_path) -> Path:
+    wd = tmp_path / "run"
+    shutil.copytree(run8[0], wd)
+    return wd
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
 
 
 # ------------------------------------------------------------------ item 2: corrupt / NaN
@@ -104,6 +116,67 @@ def test_nonfinite_params_are_not_saved_and_not_converted(tmp_path):
                  "--allow-nonfinite"]) == 0
     with pytest.raises(CheckpointError, match="NaN or inf"):
         load_params(tmp_path / "nan")
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """`path` and everything in it unwritable, even for root (which writes through modes:
+    the tree is made immutable instead)."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True).returncode:
+            pytest.skip("running as root without chattr +i: cannot make a folder read-only")
+        undo = ["chattr", "-R", "-i", str(path)]
+    else:
+        subprocess.run(["chmod", "-R", "a-w", str(path)], check=True)
+        undo = ["chmod", "-R", "u+w", str(path)]
+    try:
+        yield path
+    finally:
+        subprocess.run(undo, check=True)
+
+
+def test_convert_outputs_it_cannot_write_and_ctrl_c_are_one_line(run8, tmp_path, capsys,
+                                                                monkeypatch):
+    from soft_jax.cli import convert
+    from soft_jax.io import hf
+
+    step4 = str(run8[0] / "checkpoints" / "4")
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "empty").write_text("")
+    with read_only(tmp_path / "ro"):
+        assert convert.main(["to-hf", "--ckpt", step4, "--out", str(tmp_path / "ro" / "hf")]) == 2
+    assert "is not writable" in one_error_line(capsys.readouterr().err)
+    assert convert.main(["to-hf", "--ckpt", step4, "--out", str(tmp_path / "empty")]) == 2
+    assert "is an existing file, not a folder" in one_error_line(capsys.readouterr().err)
+
+    def ctrl_c(*_args, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "_write_safetensors", ctrl_c)  # SIGINT mid-write
+    assert convert.main(["to-hf", "--ckpt", step4, "--out", str(tmp_path / "hf")]) == 130
+    assert "interrupted" in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "ro"]  # nothing partial
+
+
+def test_unreadable_step_message_names_the_problem_not_an_object(run8, tmp_path):
+    from soft_jax.utils.log import one_line
+
+    wd = copy_run(run8, tmp_path)
+    f = params_file(wd / "checkpoints" / "8")
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as e:
+        load_params(wd / "checkpoints" / "8")
+    assert "bound method" not in str(e.value) and "TensorStore({" not in str(e.value)
+    try:
+        try:
+            raise ValueError("OUT_OF_RANGE: byte range " + "[1, 2) " * 60)
+        except ValueError as cause:
+            raise Exception("reading array index: (0, 4). See full TensorStore details: "
+                            "<bound method spec of TensorStore({\n 'base': 1})>.") from cause
+    except Exception as err:  # noqa: BLE001
+        line = one_line(err)
+    assert line.startswith("Exception: reading array index: (0, 4). (from ValueError: OUT_OF")
+    assert line.endswith("[1, 2) ...)") and len(line) < 260
 
 
 # ------------------------------------------------------------------ item 3: resume

@@ -80,10 +80,17 @@ def integrity_problem(params, record: dict | None, allow_nonfinite: bool = False
 
 
 def atomic_dir(final: Path) -> Path:
-    """A fresh temporary sibling of `final`; move it into place with `commit_dir`."""
+    """A fresh, empty temporary sibling folder of `final` (created here); move it into place
+    with `commit_dir`. A parent that cannot be written is a PermissionError naming `final`."""
     final = Path(final).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise PermissionError(f"cannot write {str(final)!r}: its folder {str(final.parent)!r} "
+                              f"is not writable ({e.strerror})") from None
+    return tmp
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
@@ -97,7 +104,10 @@ def commit_dir(tmp: Path, final: Path) -> None:
 def ensure_empty_output(path: Path, what: str = "output folder") -> None:
     """Refuse to write into a folder that already has files in it."""
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{what} {str(path)!r} is an existing file, not a folder; choose "
+                              "a new path")
+    if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{what} {str(path)!r} exists and is not empty; choose a new path")
 
 
@@ -107,7 +117,6 @@ def save_params(path, config: LlamaConfig, params, tokenizer_dir: Path | None = 
     ensure_empty_output(path, "checkpoint folder")
     tmp = atomic_dir(path)
     try:
-        tmp.mkdir()
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", params)
             ckptr.wait_until_finished()

@@ -341,7 +341,6 @@ def save_hf(config: LlamaConfig, params: dict, path, exit_layer: int | None = No
     out_dtype = dtype or str(next(iter(tensors.values())).dtype)
     tmp = atomic_dir(path)
     try:
-        tmp.mkdir()
         _write_safetensors(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config, out_dtype), indent=2))
         if tokenizer_dir is not None:
