@@ -3,6 +3,7 @@ resumes are checked against the saved config, exit weights follow the exits as w
 bad inputs are one-line errors."""
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -41,6 +42,12 @@ def same(a, b):
 def params_file(step_dir: Path, item: str = "params") -> Path:
     files = [f for f in (step_dir / item).rglob("*") if f.is_file() and "/d/" in str(f)]
     return max(files, key=lambda f: f.stat().st_size)
+
+
+def flip_one_bit(f: Path) -> None:
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    f.write_bytes(bytes(raw))
 
 
 def copy_run(run8, tmp_path) -> Path:
@@ -83,6 +90,73 @@ def test_corrupt_latest_step_falls_back_with_a_warning(run8, tmp_path, fault):
         r = train(small_config(wd, total_steps=8, eval_batches=0, **{"data.eval_source": ""}))
     same(r["params"], final)
     assert bool(list((wd / "checkpoints").glob("corrupt-8-*"))) == bad_data
+
+
+def test_step_without_integrity_record_is_unverified(run8, tmp_path, capsys):
+    from soft_jax.cli.convert import main as convert_main
+    from soft_jax.cli.eval import main as eval_main
+
+    wd = copy_run(run8, tmp_path)
+    _, step4 = load_params(wd / "checkpoints" / "4")
+    (wd / "checkpoints" / "8" / "meta" / "metadata").unlink()  # the record goes ...
+    f = params_file(wd / "checkpoints" / "8")
+    intact = f.read_bytes()
+    flip_one_bit(f)  # ... and a bit flips unseen
+    with pytest.warns(RuntimeWarning, match="/8' is unusable .*no integrity record"):
+        _, params = load_params(wd)
+    same(params, step4)  # the previous, verified step
+    with pytest.raises(CheckpointError, match="no integrity record.*--allow-unverified"):
+        load_params(wd / "checkpoints" / "8")
+    step8 = str(wd / "checkpoints" / "8")
+    assert convert_main(["to-hf", "--ckpt", step8, "--out", str(tmp_path / "hf")]) == 2
+    assert "no integrity record" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "hf").exists()
+    eval_args = ["--ckpt", step8, "--tasks", "loss", "--config.loss.max_examples=2",
+                 "--out", str(tmp_path / "ev")]
+    assert eval_main(eval_args) == 2
+    assert "no integrity record" in one_error_line(capsys.readouterr().err)
+    f.write_bytes(intact)  # (a flip may also make a NaN, which stays refused)
+    with pytest.warns(RuntimeWarning, match="loaded unverified"):  # asked for explicitly
+        assert convert_main(["to-hf", "--ckpt", step8, "--out", str(tmp_path / "hf"),
+                             "--allow-unverified"]) == 0
+
+
+@pytest.mark.parametrize("fault", ["flip", "no_record"])
+def test_optimizer_state_is_verified_on_resume(run8, tmp_path, fault):
+    wd = copy_run(run8, tmp_path)
+    if fault == "flip":
+        flip_one_bit(params_file(wd / "checkpoints" / "8", "opt_state"))
+    else:
+        meta = wd / "checkpoints" / "8" / "meta" / "metadata"
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                                    if k != "opt_state_integrity"}))
+    # a flipped bit either breaks the checksum or, in an exponent, makes a NaN / inf
+    want = "opt_state (checksum mismatch|hold NaN)" if fault == "flip" else \
+        "opt_state: no integrity"
+    with pytest.warns(RuntimeWarning, match=f"step 8 .* unusable .*{want}"):
+        r = train(small_config(wd, total_steps=8, eval_batches=0, **{"data.eval_source": ""}))
+    same(r["params"], run8[1])  # step 8 redone from step 4, bit for bit
+    label = "corrupt" if fault == "flip" else "unverified"
+    assert len(list((wd / "checkpoints").glob(f"{label}-8-*"))) == 1
+
+
+def test_step_older_than_opt_state_checksums_still_resumes(run8, tmp_path):
+    wd = copy_run(run8, tmp_path)  # what a step written before the optimizer's record holds
+    meta = wd / "checkpoints" / "8" / "meta" / "metadata"
+    meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                                if k not in ("opt_state_integrity", "recorded")}))
+    with pytest.warns(RuntimeWarning, match="step 8 predates opt_state checksums"):
+        r = train(small_config(wd, total_steps=9, eval_batches=0, **{"data.eval_source": ""}))
+    assert r["step"] == 9 and not list((wd / "checkpoints").glob("*-8-*"))
+
+
+def test_no_verified_step_moves_nothing_aside(run8, tmp_path):
+    wd = copy_run(run8, tmp_path)
+    for step in ("4", "8"):
+        flip_one_bit(params_file(wd / "checkpoints" / step, "opt_state"))
+    with pytest.warns(RuntimeWarning), pytest.raises(CheckpointError, match="no usable"):
+        train(small_config(wd, total_steps=8, eval_batches=0, **{"data.eval_source": ""}))
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["4", "8"]
 
 
 def test_huge_lr_stops_naming_the_step_and_keeps_finite_checkpoints(tmp_path):

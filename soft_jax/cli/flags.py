@@ -148,6 +148,13 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--hf", help="Hugging Face folder (or hub name)")
 
 
+def add_allow_unverified(parser: argparse.ArgumentParser) -> None:
+    """`--allow-unverified`: load a checkpoint step that has no integrity record."""
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="load a checkpoint without an integrity record (by default such a "
+                             "step is skipped for the previous verified one, or refused)")
+
+
 def debug_requested(argv: Sequence[str] = ()) -> bool:
     """Whether `--debug` in argv or SOFT_JAX_DEBUG asks for tracebacks."""
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")

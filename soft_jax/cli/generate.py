@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from soft_jax.cli.flags import add_model_source, command_parser, comma_ints, parse, run_command
+from soft_jax.cli.flags import (add_allow_unverified, add_model_source, command_parser,
+                                comma_ints, parse, run_command)
 from soft_jax.data.formats import prompt_ids_for
 from soft_jax.infer.generate import generate
 from soft_jax.io.checkpoint import CheckpointError
@@ -54,6 +55,7 @@ def build_parser():
     p.add_argument("--dtype", default="float32", help="--hf parameter dtype")
     p.add_argument("--strict", action="store_true",
                    help="error (not a warning) past max_position_embeddings")
+    add_allow_unverified(p)
     return p
 
 
@@ -61,7 +63,8 @@ def run(args) -> int:
     """Load the model, decode, print the text (or ids) and a JSON line of stats."""
     config, params, tokenizer, _ = load_model(args.hf or args.ckpt,
                                               args.dtype if args.hf else None,
-                                              exits=comma_ints(args.exits))
+                                              exits=comma_ints(args.exits),
+                                              allow_unverified=args.allow_unverified)
     if args.chat and args.prompt is None:
         raise ValueError("--chat formats a --prompt text; it does not apply to --prompt-ids")
     if args.prompt is not None:

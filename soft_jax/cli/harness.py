@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from soft_jax.cli.flags import add_model_source, command_parser, parse, run_command
+from soft_jax.cli.flags import (add_allow_unverified, add_model_source, command_parser, parse,
+                                run_command)
 from soft_jax.eval.harness import load, run_exits
 from soft_jax.eval.runner import resolve_exits
 from soft_jax.io.checkpoint import CheckpointError
@@ -39,6 +40,7 @@ def build_parser():
                    help="generation limit when a task sets none")
     p.add_argument("--dtype", default=None, help="parameter dtype (float32, bfloat16, ...)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the model's)")
+    add_allow_unverified(p)
     return p
 
 
@@ -48,7 +50,8 @@ def run(args) -> int:
     for d in args.include_path:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--include-path {d!r} is not a folder")
-    model = load(args.ckpt, args.hf, args.tokenizer, args.dtype, field="args")
+    model = load(args.ckpt, args.hf, args.tokenizer, args.dtype, field="args",
+                 allow_unverified=args.allow_unverified)
     exits = resolve_exits(model.config, [e for e in args.exits.split(",") if e.strip()],
                           "--exits")
     check_heads(model.config, model.params, exits, "--exits")
