@@ -172,6 +172,83 @@ def test_huge_lr_stops_naming_the_step_and_keeps_finite_checkpoints(tmp_path):
         assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+def dying_run(cfg, die_after: int):
+    """`setup(cfg)` whose model dies once, after step `die_after`: all params and Adam
+    moments become zero, the dead state the guard must catch (loss ln V, gradient norm 0)."""
+    from soft_jax.train.loop import setup
+
+    run, step_fn, died = setup(cfg), None, []
+
+    def step(state, batch):
+        state, metrics = step_fn(state, batch)
+        if int(state.step) == die_after and not died:
+            died.append(die_after)
+            state = state.replace(params=jax.tree.map(jnp.zeros_like, state.params),
+                                  opt_state=jax.tree.map(jnp.zeros_like, state.opt_state))
+        return state, metrics
+
+    step_fn, run.step_fn = run.step_fn, step
+    return run
+
+
+def meta_of(step_dir: Path) -> dict:
+    return json.loads((step_dir / "meta" / "metadata").read_text())
+
+
+def test_dead_model_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    from soft_jax.train.loop import run_loop
+
+    wd = tmp_path / "dead"
+    cfg = small_config(wd, total_steps=30, checkpoint_every=2, keep_checkpoints=1,
+                       eval_batches=0, **{"data.eval_source": ""})
+    with pytest.raises(TrainingDiverged, match=r"gradient norm 0 .* for 5 steps in a row at step "
+                                               r"11, since step 7.*step 4, is kept as the latest"):
+        run_loop(dying_run(cfg, die_after=6))
+    ck = wd / "checkpoints"  # keep 1: 6 and 8 rotated each other out, but never pinned 4
+    assert [p.name.split("-")[1] for p in ck.glob("diverged-*")] == ["10"]
+    assert sorted(p.name for p in ck.iterdir() if p.name.isdigit()) == ["4"]
+    _, params = load_params(wd)  # what generate / convert / a resume now read: step 4
+    assert all(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(params))
+
+
+def test_divergence_retry_restores_and_skips_the_batches_since(tmp_path, capsys):
+    from soft_jax.train.loop import run_loop
+
+    wd = tmp_path / "retry"
+    cfg = small_config(wd, total_steps=16, checkpoint_every=2, eval_batches=0,
+                       **{"data.eval_source": "", "guard.retries": 1})
+    r = run_loop(dying_run(cfg, die_after=6))
+    assert r["status"] == "done" and r["step"] == 16
+    assert "retry 1/1: back to checkpoint 4, skipping batches 4..10" in capsys.readouterr().out
+    assert len(list((wd / "checkpoints").glob("diverged-*"))) >= 2
+    meta = meta_of(wd / "checkpoints" / "16")
+    assert (meta["batch_offset"], meta["guard_retries"]) == (7, 1)
+    r = train(small_config(wd, total_steps=18, checkpoint_every=2, eval_batches=0,
+                           **{"data.eval_source": "", "guard.retries": 1}))
+    assert r["step"] == 18 and meta_of(wd / "checkpoints" / "18")["batch_offset"] == 7
+
+
+def test_guard_is_quiet_on_a_fine_tune_and_catches_a_lasting_spike():
+    from soft_jax.train.guard import DivergenceGuard, GuardSettings
+
+    rng = np.random.default_rng(0)
+    # a real fine-tune's SoFT loss: shallow exits start at 13-18 nats, the mean falls from ~8
+    # to ~2 with per-batch noise, and single early spikes to 2.9x the median
+    steps = np.arange(1, 301)
+    losses = 2 + 6 * np.exp(-steps / 20) + rng.normal(0, 0.15, steps.size)
+    losses[[14, 40, 41, 120]] *= 2.9
+    g = DivergenceGuard(GuardSettings())
+    assert all(g.observe(int(s), float(x), 1.0, 100.0) is None for s, x in zip(steps, losses))
+    for s in range(301, 306):  # then the loss stays at ln(49152) = 10.8: diverged
+        d = g.observe(s, 10.8, 1.0, 100.0)
+    assert d is not None and (d.first, d.step) == (301, 305) and "above 3x" in d.reason
+    g = DivergenceGuard(GuardSettings())
+    assert g.observe(1, float("nan"), 1.0, 100.0).reason == "non-finite loss=nan at step 1"
+    for s in range(2, 6):  # steps without target tokens say nothing
+        assert g.observe(s, 0.0, 0.0, 0.0) is None
+    assert g.healthy
+
+
 def test_nonfinite_params_are_not_saved_and_not_converted(tmp_path):
     config = sj.preset("tiny")
     params = sj.init_params(config, jax.random.PRNGKey(0))

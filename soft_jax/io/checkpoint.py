@@ -15,6 +15,7 @@ one, unless the caller allows unverified checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
 from soft_jax.model.config import LlamaConfig
 from soft_jax.utils.log import filtered, log, one_line
@@ -299,15 +301,31 @@ def tokenizer_dir_of(path) -> Path | None:
     return None
 
 
+@dataclasses.dataclass
+class _KeepPinned:
+    """An Orbax preservation policy that keeps one chosen step, however old (none: None)."""
+
+    step: int | None = None
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        """Whether each checkpoint is the pinned one."""
+        return [c.step == self.step for c in checkpoints]
+
+
 class TrainCheckpoints:
     """Orbax CheckpointManager for training: params, optimizer state and JSON metadata per step.
 
     Orbax writes each step into a temporary folder and renames it when complete, so a crash
-    mid-save leaves the previous step as the latest restorable one.
+    mid-save leaves the previous step as the latest restorable one. Rotation keeps the last
+    `keep` steps and also the pinned one (`pin` / `confirm`: the last step known to be good),
+    so steps saved while a run goes bad can never push out the one to go back to.
     """
 
     def __init__(self, directory: Path, keep: int = 2, async_save: bool = True):
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        self._pinned = _KeepPinned()
+        policy = checkpoint_managers.AnyPreservationPolicy(
+            [checkpoint_managers.LatestN(keep), self._pinned])
+        options = ocp.CheckpointManagerOptions(create=True, preservation_policy=policy,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
@@ -318,6 +336,22 @@ class TrainCheckpoints:
     def steps(self) -> list[int]:
         """Every step saved (or being saved), oldest first."""
         return sorted(self.manager.all_steps())
+
+    @property
+    def pinned(self) -> int | None:
+        """The step that rotation keeps whatever its age (the last known good one)."""
+        return self._pinned.step
+
+    def pin(self, step: int | None) -> None:
+        """Keep `step` through rotation (and let the previously pinned one go)."""
+        self._pinned.step = step
+
+    def confirm(self, upto: int) -> None:
+        """Pin the newest saved step at or before `upto`: a later step's metrics showed it
+        good."""
+        good = [s for s in self.steps() if s <= upto]
+        if good:
+            self.pin(max(good))
 
     def save(self, step: int, params, opt_state, meta: dict, force: bool = False) -> None:
         """Start saving (async where enabled); `force` saves even off the usual interval.
