@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -269,6 +270,48 @@ def test_nonfinite_params_are_not_saved_and_not_converted(tmp_path):
         load_params(tmp_path / "nan")
 
 
+# ------------------------------------------------------------------ one trainer per work dir
+def tree_state(root: Path) -> dict:
+    return {str(f.relative_to(root)): (f.stat().st_size, f.stat().st_mtime_ns)
+            for f in root.rglob("*")}
+
+
+TINY = ["--config", str(ROOT / "configs/tiny.py"), "--config.data.max_rows=8",
+        "--config.data.tokenizer=bpe:300", "--config.data.eval_source="]
+
+
+def test_second_trainer_exits_2_without_touching_the_work_dir(run8, tmp_path, capsys):
+    from soft_jax.cli.train import main
+    from soft_jax.train.workdir_lock import acquire
+
+    wd = copy_run(run8, tmp_path)
+    lock = acquire(wd)  # a live trainer: this process
+    try:
+        before = tree_state(wd)
+        with pytest.raises(SystemExit) as e:
+            main([*TINY, f"--config.workdir={wd}"])
+        line = one_error_line(capsys.readouterr().err)
+        assert e.value.code == 2 and "in use by another trainer" in line
+        assert f"PID {os.getpid()} on host {socket.gethostname()}" in line
+        assert tree_state(wd) == before
+        same(load_params(wd)[1], run8[1])  # readers never look at the lock
+    finally:
+        lock.release()
+
+
+def test_stale_lock_of_a_dead_trainer_is_taken_over(run8, tmp_path, capsys):
+    wd = copy_run(run8, tmp_path)
+    gone = subprocess.Popen(["true"])  # a PID that has just ended on this host
+    gone.wait()
+    (wd / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": gone.pid,
+                                               "started": time.time() - 60}))
+    r = train(small_config(wd, total_steps=9, eval_batches=0, **{"data.eval_source": ""}))
+    assert r["step"] == 9
+    assert (f"taking over the stale work-dir lock of PID {gone.pid} on host "
+            f"{socket.gethostname()}") in capsys.readouterr().out
+    assert (wd / "train.lock").read_text() == ""  # released at the end
+
+
 @contextlib.contextmanager
 def read_only(path: Path):
     """`path` and everything in it unwritable, even for root (which writes through modes:
@@ -284,6 +327,21 @@ def read_only(path: Path):
         yield path
     finally:
         subprocess.run(undo, check=True)
+
+
+def test_work_dirs_that_cannot_be_used_are_one_line_errors(run8, tmp_path, capsys):
+    from soft_jax.cli.train import main
+
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "fresh").mkdir()
+    resume = copy_run(run8, tmp_path)
+    for wd, want, state in ((tmp_path / "afile" / "wd", "is a file, not a folder", None),
+                            (tmp_path / "fresh", "cannot be written", read_only),
+                            (resume, "cannot be written", read_only)):
+        with state(wd) if state else contextlib.nullcontext(), pytest.raises(SystemExit) as e:
+            main([*TINY, f"--config.workdir={wd}"])
+        assert e.value.code == 2 and want in one_error_line(capsys.readouterr().err), wd
+    assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == []
 
 
 def test_convert_outputs_it_cannot_write_and_ctrl_c_are_one_line(run8, tmp_path, capsys,

@@ -5,6 +5,7 @@ command is `soft-jax train --config configs/tiny.py [--config.total_steps=100 ..
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
@@ -35,6 +36,8 @@ from soft_jax.train.run_config import resume_changes, validate, with_defaults
 from soft_jax.train.modes import exit_heads_for, train_exits, trainable_keys
 from soft_jax.train.step import (Partitioning, StepSettings, TrainState, abstract_state,
                                   make_partitioning, make_train_step, sharded_target)
+from soft_jax.train.workdir_lock import WorkdirLock, WorkdirLocked
+from soft_jax.train.workdir_lock import acquire as acquire_lock
 
 TRAIN_CONFIG = "train_config.json"
 TRUNCATION_WARN = 0.1  # warn when more than this share of the rows is truncated
@@ -256,6 +259,7 @@ class Run:
     start_step: int  # the step the run starts (or resumes) at
     target: TrainState  # abstract, sharded: what a checkpoint restores into
     guard: DivergenceGuard
+    lock: WorkdirLock | None = None  # process 0's lock on the work dir
     batch_offset: int = 0  # batches skipped after divergences: step k trains on k + offset
     retries_used: int = 0  # divergences recovered from by restoring and skipping
 
@@ -318,8 +322,13 @@ class Run:
                 "batch_rows": self.batch_rows}
 
     def close(self) -> None:
-        self.ckpts.close()
-        self.writer.close()
+        """Finish pending saves, close the writers and release the work dir."""
+        try:
+            self.ckpts.close()
+            self.writer.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
 
 def stop_message(d: Divergence, good: int | None, moved: list[int], retries: int) -> str:
@@ -395,21 +404,61 @@ def initial_state(cfg, writer: RunWriter, ckpts: TrainCheckpoints, resume_step: 
                  int(resume_step or 0), target, meta)
 
 
+def _make_workdir(cfg) -> Path:
+    """The run's work dir (created when absent); a file in its way or a folder that cannot
+    be written is a ValueError naming config.workdir."""
+    workdir = Path(cfg.workdir).absolute()
+    blocker = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"config.workdir={cfg.workdir!r}: {str(blocker)!r} is a file, not a "
+                         "folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _not_writable(cfg, e) from None
+    return workdir
+
+
+def _not_writable(cfg, e: OSError) -> ValueError:
+    return ValueError(f"config.workdir={cfg.workdir!r} cannot be written ({e.strerror}: "
+                      f"{e.filename}); training writes its checkpoints and logs there")
+
+
+def lock_workdir(cfg, workdir: Path) -> WorkdirLock | None:
+    """This job's lock on `workdir`, held by process 0 (the other processes of the job share
+    it); when it is taken or cannot be written, every process raises before touching it."""
+    lock, error = None, None
+    if distributed.is_primary():
+        try:
+            lock = acquire_lock(workdir)
+        except WorkdirLocked as e:
+            error = e
+        except OSError as e:
+            error = _not_writable(cfg, e)
+    if not distributed.primary_says(error is None):
+        raise error or WorkdirLocked(f"work dir {str(workdir)!r} is locked or unwritable (see "
+                                     "process 0's error)")
+    return lock
+
+
 def setup(cfg) -> Run:
-    """Validate `cfg`, start the runtime, build data, model, state and step (or resume the
-    work dir's latest checkpoint) and record the run's configs."""
+    """Validate `cfg`, start the runtime, lock the work dir, build data, model, state and step
+    (or resume the work dir's latest checkpoint) and record the run's configs."""
     cfg = with_defaults(cfg)
     validate(cfg)
     distributed.initialize(cfg.distributed)  # before anything touches a jax backend
     mesh, rules = run_mesh(cfg)
-    workdir = Path(cfg.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    writer = RunWriter(workdir)
-    ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
-                             cfg.async_checkpointing)
-    resume_step = ckpts.latest_step()
-    try:  # the checks come before any data or model work
-        check_sources(cfg)
+    workdir = _make_workdir(cfg)
+    with contextlib.ExitStack() as undo:  # on an error, close what was opened, newest first
+        lock = lock_workdir(cfg, workdir)  # before anything in the work dir is read or written
+        if lock is not None:
+            undo.callback(lock.release)
+        ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
+                                 cfg.async_checkpointing)
+        undo.callback(ckpts.close)
+        writer = RunWriter(workdir)
+        resume_step = ckpts.latest_step()
+        check_sources(cfg)  # the checks come before any data or model work
         if resume_step is not None and check_resume(cfg, workdir, resume_step):
             writer.write_text(TRAIN_CONFIG, cfg.to_json_best_effort(indent=2))
         tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
@@ -418,9 +467,7 @@ def setup(cfg) -> Run:
             f"{stats.target_tokens} target tokens, {stream.rows_per_epoch} rows/epoch "
             f"({'packed' if cfg.data.pack else 'padded'})")
         start = initial_state(cfg, writer, ckpts, resume_step, len(tokenizer), mesh, rules)
-    except BaseException:
-        ckpts.close()
-        raise
+        undo.pop_all()  # the Run owns the lock and the checkpoints from here on
     rows = shd.process_rows(start.part.batch, cfg.batch_size)
     log(f"mesh {shd.describe(mesh)} over {jax.device_count()} devices in "
         f"{jax.process_count()} process(es); process 0 feeds batch rows {rows}")
@@ -429,7 +476,7 @@ def setup(cfg) -> Run:
                         for b in eval_batches]
     return Run(cfg, workdir, writer, ckpts, start.config, start.part, start.state,
                start.step_fn, stream, eval_batches, stats, rows, start.step, start.target,
-               DivergenceGuard(GuardSettings.from_config(cfg.guard)),
+               DivergenceGuard(GuardSettings.from_config(cfg.guard)), lock,
                start.meta.get("batch_offset", 0), start.meta.get("guard_retries", 0))
 
 
