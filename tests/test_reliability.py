@@ -457,6 +457,62 @@ def test_bad_config_values_are_named(field, value, match):
         validate(small_config("/tmp/unused", **{field: value}))
 
 
+def test_bad_values_are_refused_naming_them(run8, tmp_path, capsys):
+    from soft_jax.cli.generate import main as generate_main
+
+    config = sj.preset("tiny")
+    params = sj.init_params(config, jax.random.PRNGKey(0))
+    for t in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="finite temperature >= 0"):
+            sj.generate(config, params, [1, 2], 2, temperature=t)
+    with pytest.raises(ValueError, match="thresholds: exit 2 has nan; a threshold is a top-1 "
+                                         "probability"):  # above 1 means: never exit there
+        sj.generate(config, params, [1, 2], 2, thresholds={2: float("nan")})
+    step4 = str(run8[0] / "checkpoints" / "4")
+    for flags, want in ((["--temperature", "nan"], "finite temperature"),
+                        (["--dynamic", "--thresholds", "2:1.5"], "probability in [0, 1]")):
+        assert generate_main(["--ckpt", step4, "--prompt-ids", "1,2", *flags]) == 2
+        assert want in one_error_line(capsys.readouterr().err)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(data_lib.DataError, match=r"latin1.jsonl:2: invalid UTF-8 \(byte 0xe9"):
+        data_lib.load_rows(str(bad))
+
+
+def test_hf_folders_that_would_convert_wrong_are_refused(hf_model_factory, tmp_path, capsys):
+    from soft_jax.cli.convert import main
+    from test_loading import word_tokenizer
+
+    folder, _ = hf_model_factory(vocab=101, layers=2)
+    mistral, _ = hf_model_factory(name="mistral", layers=2)
+    word_tokenizer(folder, 300)  # more tokens than the model embeds
+    capsys.readouterr()  # what saving the models printed
+    assert main(["from-hf", "--hf", str(folder), "--out", str(tmp_path / "a")]) == 2
+    assert "has 300 tokens but config.json vocab_size is 101" in one_error_line(
+        capsys.readouterr().err)
+    cfg = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**cfg, "sliding_window": 64}))
+    assert main(["from-hf", "--hf", str(mistral), "--out", str(tmp_path / "b")]) == 2
+    assert "sliding_window=64 is set" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_harness_limit_zero_and_a_work_dir_without_checkpoints(tmp_path, capsys):
+    from soft_jax.cli.harness import main as harness_main
+    from soft_jax.cli.generate import main as generate_main
+
+    out = tmp_path / "harness"
+    assert harness_main(["--ckpt", str(tmp_path), "--tasks", "soft_gsm8k", "--limit", "0",
+                         "--output", str(out)]) == 2
+    assert "--limit 0: expected" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+    wd = tmp_path / "young"  # a run that has not reached its first checkpoint
+    (wd / "checkpoints").mkdir(parents=True)
+    (wd / "model_config.json").write_text(json.dumps(sj.preset("tiny").to_dict()))
+    assert generate_main(["--ckpt", str(wd), "--prompt-ids", "1,2"]) == 2
+    assert "is a work dir with no checkpoint yet" in one_error_line(capsys.readouterr().err)
+
+
 def test_data_files_fail_early_with_file_and_line(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")

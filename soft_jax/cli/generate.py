@@ -23,11 +23,15 @@ def parse_thresholds(text: str | None) -> dict[int, float] | None:
     """`8:0.9,12:0.8` as {8: 0.9, 12: 0.8}; None as None."""
     if text is None:
         return None
+    bad = ValueError(f"--thresholds {text!r}: expected EXIT:PROB pairs like 8:0.9,12:0.8, each "
+                     "probability in [0, 1]")
     try:
-        return {int(k): float(v) for k, v in (kv.split(":") for kv in text.split(","))}
+        thresholds = {int(k): float(v) for k, v in (kv.split(":") for kv in text.split(","))}
     except ValueError:
-        raise ValueError(f"--thresholds {text!r}: expected EXIT:PROB pairs like 8:0.9,12:0.8") \
-            from None
+        raise bad from None
+    if not all(0 <= p <= 1 for p in thresholds.values()):  # nan fails too
+        raise bad
+    return thresholds
 
 
 def build_parser():

@@ -37,6 +37,7 @@ MODEL_CONFIG = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 INTEGRITY = "integrity.json"  # beside `params/` of a converted checkpoint (train: in meta)
 TRAIN_TREES = ("params", "opt_state")  # what a training step holds, each with its checksum
+ASIDE_LABELS = ("corrupt", "unverified", "diverged")  # step folders moved out of the way
 # The trees a step's metadata says it recorded ("recorded"); steps written before it existed
 # (119a8a3 and older) recorded the params alone.
 LEGACY_RECORDED = ("params",)
@@ -173,9 +174,24 @@ def checkpoint_candidates(path) -> list[Path]:
             steps = _step_dirs(root)
             if steps:
                 return steps
+    manager = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if manager.name == "checkpoints" and manager.is_dir():  # a work dir, or its manager folder
+        raise FileNotFoundError(_no_step_yet(path, manager))
     raise FileNotFoundError(
         f"{str(path)!r} is not a soft_jax checkpoint: expected 'params/' and '{MODEL_CONFIG}', "
         "numbered step folders, or a work dir with 'checkpoints/'")
+
+
+def _no_step_yet(path: Path, manager: Path) -> str:
+    """Why `path`, a training work dir or its `manager` folder without step folders, has no
+    checkpoint: none saved yet, or every step moved aside."""
+    aside = sorted(p.name for p in manager.iterdir()
+                   if p.is_dir() and p.name.split("-")[0] in ASIDE_LABELS)
+    if aside:
+        return (f"{str(path)!r} has no usable checkpoint: its steps were moved aside "
+                f"({', '.join(aside[:3])})")
+    return (f"{str(path)!r} is a work dir with no checkpoint yet: its run has not saved a step "
+            "(see config.checkpoint_every)")
 
 
 def read_model_config(ckpt: Path) -> LlamaConfig:
