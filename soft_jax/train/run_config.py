@@ -129,14 +129,21 @@ def unknown_fields(cfg, ref, open_keys=(), prefix="") -> list[str]:
 
 
 def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of `cfg` with each schema section it lacks (e.g. `guard` in a train_config.json
-    written before it existed) set to its defaults."""
-    cfg, ref = copy.deepcopy(cfg), default_config()
+    """A copy of `cfg` with each schema field it lacks (e.g. `guard` or `loss.recipe` in a
+    train_config.json written before they existed) set to its default."""
+    cfg = copy.deepcopy(cfg)
     with cfg.unlocked():
-        for key in ref.keys():
-            if key not in cfg:
-                cfg[key] = ref[key]
+        _fill(cfg, default_config())
     return cfg
+
+
+def _fill(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict) -> None:
+    for key in ref.keys():
+        if key not in cfg:
+            cfg[key] = copy.deepcopy(ref[key])
+        elif (key != "overrides" and isinstance(ref[key], ml_collections.ConfigDict)
+              and isinstance(cfg[key], ml_collections.ConfigDict)):
+            _fill(cfg[key], ref[key])
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -212,8 +219,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def resume_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
     """(field, saved value, new value) for each field that changes what a resumed run
-    trains (both configs as JSON dicts; absent fields read as None)."""
-    a, b = _flatten(saved), _flatten(new)
+    trains (both configs as JSON dicts). A field the saved config predates reads as its
+    default (what the run did before the field existed); other absent fields read as None."""
+    import json
+
+    a = {**_flatten(json.loads(default_config().to_json_best_effort())), **_flatten(saved)}
+    b = _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)
             and not any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)]
