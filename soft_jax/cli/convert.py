@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from soft_jax.cli.flags import command_parser, comma_ints, parse, run_command
+from soft_jax.cli.flags import add_allow_unverified, command_parser, comma_ints, parse, run_command
 from soft_jax.io.checkpoint import (CheckpointError, ensure_empty_output, load_params,
                                     read_model_config, resolve_checkpoint, tokenizer_dir_of)
 from soft_jax.io.gguf import hf_from_gguf
@@ -48,7 +48,8 @@ def to_hf(args) -> Path:
     ensure_empty_output(Path(args.out))
     if args.exit is not None:  # fail before reading any weights
         check_exit(read_model_config(resolve_checkpoint(args.ckpt)), args.exit)
-    config, params = load_params(args.ckpt, allow_nonfinite=args.allow_nonfinite)
+    config, params = load_params(args.ckpt, allow_nonfinite=args.allow_nonfinite,
+                                 allow_unverified=args.allow_unverified)
     return save_hf(config, params, args.out, exit_layer=args.exit, dtype=args.dtype,
                    tokenizer_dir=tokenizer_dir_of(args.ckpt))
 
@@ -75,6 +76,7 @@ def build_parser():
     b.add_argument("--dtype", default=None, choices=list(NP_DTYPES))
     b.add_argument("--allow-nonfinite", action="store_true",
                    help="write weights holding NaN / inf (refused by default)")
+    add_allow_unverified(b)
     for s in (a, g, b):  # `--debug` also after the subcommand
         s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help="full tracebacks instead of one-line errors")

@@ -18,7 +18,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from soft_jax.cli.flags import apply_overrides, command_parser, parse, run_command
+from soft_jax.cli.flags import (add_allow_unverified, apply_overrides, command_parser, parse,
+                                run_command)
 from soft_jax.eval.config import TASKS, default_config
 from soft_jax.io.checkpoint import CheckpointError
 
@@ -39,6 +40,7 @@ def build_parser():
     p.add_argument("--second-ckpt", help="second model (pairwise / sortedness): checkpoint")
     p.add_argument("--second-hf", help="second model: Hugging Face folder")
     p.add_argument("--judge", help="pairwise judge: rouge-l | hf:FOLDER")
+    add_allow_unverified(p)
     return p
 
 
@@ -54,6 +56,8 @@ def parse_args(argv: Sequence[str]) -> ml_collections.ConfigDict:
                                  "second_hf": ("hf", "ckpt")}.items():
         if getattr(args, flag):
             cfg.second[field], cfg.second[other] = getattr(args, flag), ""
+    if args.allow_unverified:
+        cfg.allow_unverified = True
     named = [f"--config.{field}={getattr(args, flag)}" for flag, field in NAMED
              if getattr(args, flag) is not None and field not in given]
     return apply_overrides(cfg, named)

@@ -4,7 +4,8 @@
 - `add_config(parser, defaults)`: `--config FILE` plus any `--config.a.b=value` override of
   the config's fields, which `--help` lists with their defaults; `parse(parser, argv)` then
   returns (args, config).
-- `run_command(fn, debug)`: the one-line `error: ...` (exit 2) that bad input gets.
+- `run_command(fn, debug)`: the one-line `error: ...` (exit 2) that bad input gets, and the
+  one line (exit 130) that Ctrl-C gets.
 
 Overrides are applied by ml_collections' config flags: each value is parsed by the type of
 the field's default (int, float, bool, str, tuple). Tuple fields also take bare comma lists
@@ -30,9 +31,11 @@ from soft_jax.utils.config_file import load_config_file
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
 DEBUG_ENV = "SOFT_JAX_DEBUG"  # =1: full tracebacks instead of one-line errors
-# Bad input: one line and exit 2. Each wing's errors derive from one of these.
-INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, KeyError, NotADirectoryError,
-                PermissionError)
+# Bad input: one line and exit 2. Each wing's errors derive from one of these; OSError covers
+# every path that is missing, in the way, unreadable or unwritable (read-only file systems too).
+INPUT_ERRORS = (ValueError, KeyError, OSError)
+INTERRUPTED = 130  # the shell's status for a command stopped by SIGINT (128 + 2)
+INTERRUPTED_MESSAGE = "interrupted (Ctrl-C); outputs are written whole or not at all"
 
 
 def _literal(text: str):
@@ -145,9 +148,22 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--hf", help="Hugging Face folder (or hub name)")
 
 
+def add_allow_unverified(parser: argparse.ArgumentParser) -> None:
+    """`--allow-unverified`: load a checkpoint step that has no integrity record."""
+    parser.add_argument("--allow-unverified", action="store_true",
+                        help="load a checkpoint without an integrity record (by default such a "
+                             "step is skipped for the previous verified one, or refused)")
+
+
 def debug_requested(argv: Sequence[str] = ()) -> bool:
     """Whether `--debug` in argv or SOFT_JAX_DEBUG asks for tracebacks."""
     return "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 def report_error(e: BaseException, code: int = 2) -> int:
@@ -155,16 +171,15 @@ def report_error(e: BaseException, code: int = 2) -> int:
     SOFT_JAX_DEBUG=1 the exception propagates (its traceback) instead."""
     if debug_requested():
         raise e
-    text = str(e).strip().splitlines()
-    print(f"error: {text[0] if text else type(e).__name__}", file=sys.stderr, flush=True)
+    print(f"error: {first_line(e)}", file=sys.stderr, flush=True)
     return code
 
 
 def run_command(fn: Callable[[], object], argv: Sequence[str] | None = None,
                 errors: tuple[type[BaseException], ...] = ()):
     """`fn()`'s result (an exit status, or a summary that `soft-jax` reads as 0), or exit
-    status 2 after one line for bad input (INPUT_ERRORS and `errors`); `--debug` in `argv`
-    lets the traceback through."""
+    status 2 after one line for bad input (INPUT_ERRORS and `errors`), or 130 after one line
+    for Ctrl-C; `--debug` in `argv` lets the traceback through."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result = fn()
@@ -172,6 +187,11 @@ def run_command(fn: Callable[[], object], argv: Sequence[str] | None = None,
         if debug_requested(argv):
             raise
         return report_error(e)
+    except KeyboardInterrupt:
+        if debug_requested(argv):
+            raise
+        print(f"error: {INTERRUPTED_MESSAGE}", file=sys.stderr, flush=True)
+        return INTERRUPTED
     return result
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from soft_jax.cli.flags import add_model_source, command_parser, comma_ints, parse, run_command
+from soft_jax.cli.flags import (add_allow_unverified, add_model_source, command_parser,
+                                comma_ints, parse, run_command)
 from soft_jax.data.formats import prompt_ids_for
 from soft_jax.infer.generate import generate
 from soft_jax.io.checkpoint import CheckpointError
@@ -22,11 +23,15 @@ def parse_thresholds(text: str | None) -> dict[int, float] | None:
     """`8:0.9,12:0.8` as {8: 0.9, 12: 0.8}; None as None."""
     if text is None:
         return None
+    bad = ValueError(f"--thresholds {text!r}: expected EXIT:PROB pairs like 8:0.9,12:0.8, each "
+                     "probability in [0, 1]")
     try:
-        return {int(k): float(v) for k, v in (kv.split(":") for kv in text.split(","))}
+        thresholds = {int(k): float(v) for k, v in (kv.split(":") for kv in text.split(","))}
     except ValueError:
-        raise ValueError(f"--thresholds {text!r}: expected EXIT:PROB pairs like 8:0.9,12:0.8") \
-            from None
+        raise bad from None
+    if not all(0 <= p <= 1 for p in thresholds.values()):  # nan fails too
+        raise bad
+    return thresholds
 
 
 def build_parser():
@@ -54,6 +59,7 @@ def build_parser():
     p.add_argument("--dtype", default="float32", help="--hf parameter dtype")
     p.add_argument("--strict", action="store_true",
                    help="error (not a warning) past max_position_embeddings")
+    add_allow_unverified(p)
     return p
 
 
@@ -61,7 +67,8 @@ def run(args) -> int:
     """Load the model, decode, print the text (or ids) and a JSON line of stats."""
     config, params, tokenizer, _ = load_model(args.hf or args.ckpt,
                                               args.dtype if args.hf else None,
-                                              exits=comma_ints(args.exits))
+                                              exits=comma_ints(args.exits),
+                                              allow_unverified=args.allow_unverified)
     if args.chat and args.prompt is None:
         raise ValueError("--chat formats a --prompt text; it does not apply to --prompt-ids")
     if args.prompt is not None:

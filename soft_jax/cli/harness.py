@@ -10,10 +10,12 @@ the offline task YAMLs (tasks/: soft_gsm8k, soft_gsm8k_ppl, soft_arith_mc, alway
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from soft_jax.cli.flags import add_model_source, command_parser, parse, run_command
+from soft_jax.cli.flags import (add_allow_unverified, add_model_source, command_parser, parse,
+                                run_command)
 from soft_jax.eval.harness import load, run_exits
 from soft_jax.eval.runner import resolve_exits
 from soft_jax.io.checkpoint import CheckpointError
@@ -39,25 +41,46 @@ def build_parser():
                    help="generation limit when a task sets none")
     p.add_argument("--dtype", default=None, help="parameter dtype (float32, bfloat16, ...)")
     p.add_argument("--tokenizer", default="", help="tokenizer folder (default: the model's)")
+    add_allow_unverified(p)
     return p
 
 
+def document_limit(value: float | None) -> float | int | None:
+    """`--limit` as lm-eval takes it: a whole number of documents (>= 1) or a fraction in
+    (0, 1); None = every document."""
+    if value is None:
+        return None
+    if not 0 < value < 1 and not (value >= 1 and float(value).is_integer()):
+        raise ValueError(f"--limit {value:g}: expected a whole number of documents (>= 1) or a "
+                         "fraction of them in (0, 1)")
+    return value if value < 1 else int(value)
+
+
 def run(args) -> int:
-    """Load the model once, run lm-eval at each exit, write the tables."""
-    limit = args.limit if args.limit is None or args.limit < 1 else int(args.limit)
+    """Check the arguments, load the model once, run lm-eval at each exit, write the tables;
+    an output folder this run created is removed again when the run fails."""
+    limit = document_limit(args.limit)
     for d in args.include_path:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--include-path {d!r} is not a folder")
-    model = load(args.ckpt, args.hf, args.tokenizer, args.dtype, field="args")
-    exits = resolve_exits(model.config, [e for e in args.exits.split(",") if e.strip()],
-                          "--exits")
-    check_heads(model.config, model.params, exits, "--exits")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
         raise ValueError("--tasks: give at least one task name")
-    run_exits(model, exits, tasks, Path(args.output), args.include_path, limit,
-              args.num_fewshot, args.batch_size, args.max_length, args.max_gen_toks)
-    print(f"[harness] wrote {Path(args.output) / 'results.md'}")
+    model = load(args.ckpt, args.hf, args.tokenizer, args.dtype, field="args",
+                 allow_unverified=args.allow_unverified)
+    exits = resolve_exits(model.config, [e for e in args.exits.split(",") if e.strip()],
+                          "--exits")
+    check_heads(model.config, model.params, exits, "--exits")
+    out = Path(args.output)
+    created = not out.exists()
+    try:
+        run_exits(model, exits, tasks, out, args.include_path, limit, args.num_fewshot,
+                  args.batch_size, args.max_length, args.max_gen_toks)
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    print(f"[harness] wrote {out / 'results.md'}")
     return 0
 
 

@@ -6,7 +6,7 @@
 
 Running the same command again resumes from the work dir's latest checkpoint. Config and
 data errors print one line and exit 2, a diverged run exits 3, SIGTERM / SIGINT checkpoint
-and exit 0.
+and exit 0 (Ctrl-C before the first step: one line, exit 130).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 from absl import logging
 
-from soft_jax.cli.flags import INPUT_ERRORS, command_parser, debug_requested, parse
+from soft_jax.cli.flags import (INPUT_ERRORS, INTERRUPTED, INTERRUPTED_MESSAGE, command_parser,
+                                debug_requested, first_line, parse)
 from soft_jax.io.checkpoint import CheckpointError
 from soft_jax.train.loop import TrainingDiverged, train
 from soft_jax.train.run_config import default_config
@@ -92,8 +93,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     except TrainingDiverged as e:
         if debug:
             raise
-        _fail(str(e), 3)
+        _fail(first_line(e), 3)
     except (*INPUT_ERRORS, CheckpointError) as e:
         if debug:
             raise
-        _fail(f"{e} (--debug or SOFT_JAX_DEBUG=1 for a traceback)", 2)
+        _fail(f"{first_line(e)} (--debug or SOFT_JAX_DEBUG=1 for a traceback)", 2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _fail(INTERRUPTED_MESSAGE, INTERRUPTED)

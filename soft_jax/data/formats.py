@@ -207,7 +207,13 @@ def read_json_rows(path: Path) -> list[dict]:
     """Rows of a JSON array file or a JSON-lines file; a syntax error names file and line."""
     import json
 
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: invalid UTF-8 (byte 0x{raw[e.start]:02x} at offset "
+                        f"{e.start}); data files must be UTF-8") from None
     if not text.strip():
         raise DataError(f"data file {str(path)!r} is empty")
     if text.lstrip().startswith("["):

@@ -21,6 +21,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.hf = ""  # or a Hugging Face folder (Llama, Mistral, Qwen2, Qwen3) (exactly one of ckpt / hf)
     c.tokenizer = ""  # "" = saved with the checkpoint / inside the HF folder
     c.dtype = "float32"  # parameter dtype when loading a HF folder
+    c.allow_unverified = False  # load checkpoint steps without an integrity record
     c.exits = ()  # 1-based layer counts; empty = the model config's exits (with the last layer)
     c.out_dir = "runs/eval"
     c.tasks = ("loss",)  # any of TASKS

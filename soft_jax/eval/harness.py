@@ -52,10 +52,11 @@ def _positive_int(name: str, value) -> int:
 
 
 def load(ckpt: str = "", hf: str = "", tokenizer: str = "", dtype: str | None = None,
-         field: str = "model_args") -> LoadedModel:
+         field: str = "model_args", allow_unverified: bool = False) -> LoadedModel:
     """The model (and tokenizer) of a checkpoint or HF folder; `dtype` casts either."""
     source = {"ckpt": ckpt, "hf": hf, "tokenizer": tokenizer}
-    return open_model(source, "model", field, dtype or "float32", ckpt_dtype=dtype)
+    return open_model(source, "model", field, dtype or "float32", ckpt_dtype=dtype,
+                      allow_unverified=allow_unverified)
 
 
 @partial(jax.jit, static_argnames=("config",))

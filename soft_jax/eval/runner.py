@@ -19,10 +19,11 @@ from soft_jax.model.layer_counts import layer_count
 
 # ------------------------------------------------------------------------------ models
 def open_model(section, name: str, field: str, dtype: str = "float32",
-               ckpt_dtype: str | None = None) -> LoadedModel:
+               ckpt_dtype: str | None = None, allow_unverified: bool = False) -> LoadedModel:
     """The model a config section names: its `ckpt` (a soft_jax checkpoint / work dir, cast to
     `ckpt_dtype` if given) or `hf` folder (loaded in `dtype`), with its tokenizer (or the
-    section's `tokenizer`), labelled `name`. Errors name the field (`field`.ckpt, ...)."""
+    section's `tokenizer`), labelled `name`. Errors name the field (`field`.ckpt, ...).
+    `allow_unverified`: see `io.checkpoint.load_params`."""
     from soft_jax.io.checkpoint import CheckpointError
     from soft_jax.io.loading import TokenizerError, load_model
 
@@ -34,7 +35,8 @@ def open_model(section, name: str, field: str, dtype: str = "float32",
                          "was trained with (a folder), not a new BPE")
     key, path = ("ckpt", ckpt) if ckpt else ("hf", hf)
     try:
-        model = load_model(path, dtype if hf else ckpt_dtype, tokenizer=tokenizer or True)
+        model = load_model(path, dtype if hf else ckpt_dtype, tokenizer=tokenizer or True,
+                           allow_unverified=allow_unverified)
     except TokenizerError as e:
         raise ValueError(f"{field}.tokenizer: {e}") from None
     except (FileNotFoundError, ValueError, CheckpointError) as e:
@@ -69,15 +71,16 @@ def run_eval(cfg) -> dict:
     validate(cfg)
     tasks = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
     t0 = time.perf_counter()
-    model = open_model(cfg, cfg.name, "config", cfg.dtype)
+    model = open_model(cfg, cfg.name, "config", cfg.dtype,
+                       allow_unverified=cfg.allow_unverified)
     model = model.replace(chat=data_lib.resolve_template(cfg.template, model.tokenizer,
                                                          "gsm8k") == "chat")
     exits = resolve_exits(model.config, cfg.exits, "config.exits")
     check_heads(model.config, model.params, exits, "config.exits")
     ctx: dict = {"chat_tokenizer": model.tokenizer if model.chat else None}
     if (cfg.second.ckpt or cfg.second.hf) and {"pairwise", "sortedness"} & set(tasks):
-        second = open_model(cfg.second, cfg.second.name, "config.second",
-                            cfg.dtype).replace(chat=model.chat)
+        second = open_model(cfg.second, cfg.second.name, "config.second", cfg.dtype,
+                            allow_unverified=cfg.allow_unverified).replace(chat=model.chat)
         ctx["second"] = second
         if cfg.second.exits:
             ctx["second_exits"] = resolve_exits(second.config, cfg.second.exits,

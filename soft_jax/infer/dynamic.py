@@ -65,8 +65,10 @@ def resolve_thresholds(config: LlamaConfig,
             raise ValueError(f"thresholds has {len(thresholds)} values but the model has "
                              f"{len(early)} non-final exits {early}; pass a dict {{exit: value}}")
         thresholds = dict(zip(early, thresholds))
-    for e in thresholds:
+    for e, p in thresholds.items():
         layer_count(e, n, "thresholds key", not_last="the last layer always answers")
+        if np.isnan(float(p)):  # above 1 is allowed: that exit never answers
+            raise ValueError(f"thresholds: exit {e} has {p}; a threshold is a top-1 probability")
     exits = tuple(sorted(int(e) for e in thresholds))
     return exits + (n,), tuple(float(thresholds[e]) for e in exits) + (0.0,)
 

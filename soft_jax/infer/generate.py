@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 
@@ -97,9 +98,9 @@ def generate(config: LlamaConfig, params: dict, prompt_ids, max_new_tokens: int,
                                  not_last="the last layer is the verifier, not a draft")
     if draft_tokens is not None and (not isinstance(draft_tokens, int) or draft_tokens < 1):
         raise ValueError(f"draft_tokens={draft_tokens!r} must be a positive int (None = adaptive)")
-    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got temperature="
-                         f"{temperature}, top_k={top_k}, top_p={top_p}")
+    if not 0 <= temperature < math.inf or top_k < 0 or not 0 < top_p <= 1:  # nan fails too
+        raise ValueError(f"need a finite temperature >= 0, top_k >= 0, 0 < top_p <= 1; got "
+                         f"temperature={temperature}, top_k={top_k}, top_p={top_p}")
     if (draft_exit is not None or dynamic) and len(prompts) != 1:
         raise ValueError(f"{'draft_exit' if draft_exit is not None else 'dynamic'} decoding "
                          f"supports one prompt at a time (as in the paper); got {len(prompts)}")

@@ -341,7 +341,6 @@ def save_hf(config: LlamaConfig, params: dict, path, exit_layer: int | None = No
     out_dtype = dtype or str(next(iter(tensors.values())).dtype)
     tmp = atomic_dir(path)
     try:
-        tmp.mkdir()
         _write_safetensors(tmp, tensors, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(config_to_hf(config, out_dtype), indent=2))
         if tokenizer_dir is not None:
@@ -362,6 +361,21 @@ def _copy_tokenizer_files(src: Path, dst: Path) -> bool:
     return True
 
 
+def check_tokenizer_fits(folder: Path, vocab_size: int) -> None:
+    """Refuse a HF folder whose tokenizer has more tokens than the model embeds: the
+    checkpoint would be one that generate and eval refuse. (A tokenizer that does not load
+    is copied as it is, as before.)"""
+    from soft_jax.data.tokenizer import load_tokenizer
+
+    try:
+        n = len(load_tokenizer(str(folder)))
+    except (OSError, ValueError):
+        return
+    if n > vocab_size:
+        raise ConversionError(f"the tokenizer in {str(folder)!r} has {n} tokens but config.json "
+                              f"vocab_size is {vocab_size}; ids past it have no embedding")
+
+
 def checkpoint_from_hf(hf, out, dtype: str | None = "float32", exits=None) -> Path:
     """HF folder or hub name -> Orbax checkpoint + model config (+ tokenizer files)."""
     from soft_jax.io.checkpoint import save_params
@@ -369,6 +383,7 @@ def checkpoint_from_hf(hf, out, dtype: str | None = "float32", exits=None) -> Pa
     ensure_empty_output(Path(out), "checkpoint folder")
     config, params = load_hf(hf, dtype, exits)
     folder = _resolve_hf_folder(hf)
+    check_tokenizer_fits(folder, config.vocab_size)
     tok_tmp = atomic_dir(Path(out).with_name(Path(out).name + "-tok"))
     try:
         has_tok = _copy_tokenizer_files(folder, tok_tmp)

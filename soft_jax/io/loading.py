@@ -87,7 +87,8 @@ def _tokenizer(spec: str, vocab_size: int):
 
 
 def load_model(path, dtype: str | None = None, *, mesh=None, rules=None, exits=None,
-               tokenizer: bool | str = True, allow_nonfinite: bool = False) -> LoadedModel:
+               tokenizer: bool | str = True, allow_nonfinite: bool = False,
+               allow_unverified: bool = False) -> LoadedModel:
     """(config, params, tokenizer, source) of a checkpoint, work dir, HF folder or hub name.
 
     `dtype` casts the params and sets the config's param and compute dtype (None: as stored);
@@ -95,6 +96,8 @@ def load_model(path, dtype: str | None = None, *, mesh=None, rules=None, exits=N
     `exits` replaces the config's exits. `tokenizer`: True loads the one saved with the
     weights (None if there is none), False none, a string that tokenizer spec (a folder, hub
     name or gguf:FILE). Tokenizer problems raise TokenizerError (a ValueError).
+    `allow_nonfinite` / `allow_unverified` accept checkpoint params holding NaN / inf, or
+    without an integrity record (see `checkpoint.load_params`).
     """
     from soft_jax.io.checkpoint import load_params
     from soft_jax.io.hf import load_hf
@@ -102,7 +105,8 @@ def load_model(path, dtype: str | None = None, *, mesh=None, rules=None, exits=N
     checkpoint = is_checkpoint_path(path)
     if checkpoint:
         config, params = load_params(path, mesh=mesh, rules=rules, dtype=dtype,
-                                     allow_nonfinite=allow_nonfinite)
+                                     allow_nonfinite=allow_nonfinite,
+                                     allow_unverified=allow_unverified)
         config = config.replace(**({"exits": tuple(exits)} if exits is not None else {}),
                                 **({"param_dtype": dtype, "dtype": dtype} if dtype else {}))
         source = f"soft_jax checkpoint {path}"

@@ -128,6 +128,16 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def primary_says(flag: bool) -> bool:
+    """Process 0's `flag` on every process (a collective; the flag itself in one process)."""
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 def barrier(name: str) -> None:
     """All processes wait here (no-op in a single process)."""
     if jax.process_count() > 1:

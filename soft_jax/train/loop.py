@@ -5,11 +5,12 @@ command is `soft-jax train --config configs/tiny.py [--config.total_steps=100 ..
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import signal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,22 +26,34 @@ from soft_jax.model.config import LlamaConfig, preset
 from soft_jax.model.exits import initial_exit_heads
 from soft_jax.model.layer_counts import pair_exit_weights
 from soft_jax.io.loading import load_model
+from soft_jax.train.guard import Divergence, DivergenceGuard, GuardSettings
 from soft_jax.train.heldout import per_exit_metrics
 from soft_jax.train.run_log import RunWriter, Throughput, format_metrics
 from soft_jax.utils.log import log
 from soft_jax.model.transformer import init_params, param_axes
 from soft_jax.data.tokenizer import load_tokenizer
-from soft_jax.train.run_config import resume_changes, validate
+from soft_jax.train.run_config import resume_changes, validate, with_defaults
 from soft_jax.train.modes import exit_heads_for, train_exits, trainable_keys
 from soft_jax.train.step import (Partitioning, StepSettings, TrainState, abstract_state,
                                   make_partitioning, make_train_step, sharded_target)
+from soft_jax.train.workdir_lock import WorkdirLock, WorkdirLocked
+from soft_jax.train.workdir_lock import acquire as acquire_lock
 
 TRAIN_CONFIG = "train_config.json"
 TRUNCATION_WARN = 0.1  # warn when more than this share of the rows is truncated
 
 
 class TrainingDiverged(RuntimeError):
-    """A non-finite loss, gradient norm or params: the run stops without saving that state."""
+    """The run diverged (NaN / inf, a dead model, a loss that stays spiked) and stops (exit 3)
+    without saving that state."""
+
+
+class Diverged(TrainingDiverged):
+    """The guard's verdict on one step, before the run decides to retry or to stop."""
+
+    def __init__(self, divergence: Divergence):
+        super().__init__(divergence.reason)
+        self.divergence = divergence
 
 
 # ------------------------------------------------------------------------ data
@@ -134,16 +147,6 @@ def check_resume(cfg, workdir: Path, step: int) -> bool:
         log(f"work dir {str(workdir)!r} is already at step {step} >= total_steps="
             f"{cfg.total_steps}: nothing to train (raise --config.total_steps to continue)")
     return step < cfg.total_steps
-
-
-def check_finite(step: int, metrics) -> None:
-    """Raise TrainingDiverged when the loss or gradient norm of `step` is NaN / inf."""
-    m = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
-    bad = {k: float(v) for k, v in m.items() if not np.isfinite(v)}
-    if bad:
-        raise TrainingDiverged(
-            f"non-finite {' and '.join(f'{k}={v}' for k, v in bad.items())} at step {step}; "
-            "stopped without saving this state (lower config.optimizer.lr or check the data)")
 
 
 def _safe_segments(fmt, row, idx):
@@ -254,17 +257,57 @@ class Run:
     stats: data_lib.DataStats
     batch_rows: list  # this process's [lo, hi) rows of every global batch
     start_step: int  # the step the run starts (or resumes) at
+    target: TrainState  # abstract, sharded: what a checkpoint restores into
+    guard: DivergenceGuard
+    lock: WorkdirLock | None = None  # process 0's lock on the work dir
+    batch_offset: int = 0  # batches skipped after divergences: step k trains on k + offset
+    retries_used: int = 0  # divergences recovered from by restoring and skipping
+
+    def watch(self, step: int, metrics) -> None:
+        """Show the guard `step`'s loss and gradient norm (waiting for them): Diverged when
+        the run has; once healthy, the newest checkpoint before `step` is pinned as good."""
+        m = {k: float(v) for k, v in jax.device_get(
+            {k: metrics[k] for k in ("loss", "grad_norm", "num_tokens")}).items()}
+        divergence = self.guard.observe(step, m["loss"], m["grad_norm"], m["num_tokens"])
+        if divergence is not None:
+            raise Diverged(divergence)
+        if self.guard.healthy:
+            self.ckpts.confirm(step - 1)
 
     def save(self, step: int, metrics, force: bool = False) -> None:
-        """Checkpoint the state after `step` steps (once this step's loss and gradient norm
-        are known to be finite)."""
-        check_finite(step, metrics)
-        meta = {"step": step, "seed": self.cfg.seed, "data_position": self.stream.position(step),
-                "model": self.config.to_dict(), "mode": self.cfg.mode}
+        """Checkpoint the state after `step` steps (once the guard has seen this step)."""
+        self.watch(step, metrics)
+        meta = {"step": step, "seed": self.cfg.seed, "model": self.config.to_dict(),
+                "data_position": self.stream.position(step + self.batch_offset),
+                "batch_offset": self.batch_offset, "guard_retries": self.retries_used,
+                "mode": self.cfg.mode}
         try:
             self.ckpts.save(step, self.state.params, self.state.opt_state, meta, force=force)
         except NonFiniteParamsError as e:
-            raise TrainingDiverged(str(e)) from None
+            raise Diverged(Divergence(step, step, str(e))) from None
+
+    def recover(self, d: Divergence) -> int:
+        """After divergence `d`: the checkpoints saved since the last good (pinned) one are
+        moved aside as `diverged-STEP-*`; with retries left the run goes back to that one and
+        skips the batches it trained on since (returns its step), else TrainingDiverged."""
+        self.ckpts.wait()
+        good = self.ckpts.pinned
+        dead = [s for s in self.ckpts.steps() if good is None or s > good]
+        for s in dead:
+            self.ckpts.quarantine(s, "diverged")
+        if good is None or self.retries_used >= self.cfg.guard.retries:
+            raise TrainingDiverged(stop_message(d, good, dead, self.retries_used)) from None
+        params, opt_state, _ = self.ckpts.restore_verified(good, self.target.params,
+                                                           self.target.opt_state)
+        self.state = TrainState(jax.device_put(jnp.asarray(good, jnp.int32),
+                                               self.part.state.step), params, opt_state)
+        skipped = (good + self.batch_offset, d.step + self.batch_offset)
+        self.batch_offset += d.step - good
+        self.retries_used += 1
+        self.guard.rewind(good)
+        log(f"{d.reason}; retry {self.retries_used}/{self.cfg.guard.retries}: back to "
+            f"checkpoint {good}, skipping batches {skipped[0]}..{skipped[1] - 1}")
+        return good
 
     def evaluate(self, step: int) -> dict:
         """Per-exit held-out metrics of the current params, logged and written."""
@@ -279,8 +322,25 @@ class Run:
                 "batch_rows": self.batch_rows}
 
     def close(self) -> None:
-        self.ckpts.close()
-        self.writer.close()
+        """Finish pending saves, close the writers and release the work dir."""
+        try:
+            self.ckpts.close()
+            self.writer.close()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+
+def stop_message(d: Divergence, good: int | None, moved: list[int], retries: int) -> str:
+    """The one line a diverged run stops with: what, when, and what is left to resume."""
+    kept = (f"the last good checkpoint, step {good}, is kept as the latest" if good is not None
+            else "no checkpoint was saved before it")
+    aside = (f", the {len(moved)} saved since moved aside as diverged-STEP-*" if good is not None
+             else f", the {len(moved)} saved moved aside as diverged-STEP-*") if moved else ""
+    tried = f" (after {retries} retr{'y' if retries == 1 else 'ies'})" if retries else ""
+    return (f"training diverged{tried}: {d.reason}; stopped without saving this state, "
+            f"{kept}{aside} (lower config.optimizer.lr, check the data or set "
+            "config.guard.retries)")
 
 
 def run_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
@@ -298,11 +358,22 @@ def run_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
     return mesh, rules
 
 
+class Start(NamedTuple):
+    """Where a run starts: what `initial_state` built or restored."""
+
+    config: LlamaConfig
+    state: TrainState
+    step_fn: Callable
+    part: Partitioning
+    step: int
+    target: TrainState  # abstract and sharded, for restores
+    meta: dict  # the restored checkpoint's metadata ({} for a fresh run)
+
+
 def initial_state(cfg, writer: RunWriter, ckpts: TrainCheckpoints, resume_step: int | None,
-                  vocab_size: int, mesh, rules):
-    """(model config, train state, step function, partitioning, start step) of a fresh
-    model, or of the latest checkpoint restored straight into this mesh's shards (whatever
-    mesh wrote it)."""
+                  vocab_size: int, mesh, rules) -> Start:
+    """The start of a fresh model, or of the latest checkpoint restored straight into this
+    mesh's shards (whatever mesh wrote it), which is then pinned as the last good one."""
     if resume_step is not None:
         config = LlamaConfig.from_dict(json.loads((writer.workdir / MODEL_CONFIG).read_text()))
         params = None
@@ -317,33 +388,77 @@ def initial_state(cfg, writer: RunWriter, ckpts: TrainCheckpoints, resume_step: 
     abstract = abstract_state(config, tx, keys, params_abstract)
     part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len,
                              param_axes(config))
+    target = sharded_target(abstract, part)
+    meta = {}
     if resume_step is not None:
-        target = sharded_target(abstract, part)
         resume_step, params, opt_state, meta = ckpts.restore_latest(target.params,
                                                                     target.opt_state)
+        ckpts.pin(resume_step)
         log(f"resumed from step {resume_step} ({meta.get('data_position')})")
     else:
         opt_state = jax.jit(tx.init, out_shardings=part.state.opt_state)(
             {k: params[k] for k in keys})
     step = jax.device_put(jnp.asarray(resume_step or 0, jnp.int32), part.state.step)
     step_fn = make_train_step(config, StepSettings.from_config(cfg), tx, schedule, keys, part)
-    return config, TrainState(step, params, opt_state), step_fn, part, int(resume_step or 0)
+    return Start(config, TrainState(step, params, opt_state), step_fn, part,
+                 int(resume_step or 0), target, meta)
+
+
+def _make_workdir(cfg) -> Path:
+    """The run's work dir (created when absent); a file in its way or a folder that cannot
+    be written is a ValueError naming config.workdir."""
+    workdir = Path(cfg.workdir).absolute()
+    blocker = next((p for p in (workdir, *workdir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"config.workdir={cfg.workdir!r}: {str(blocker)!r} is a file, not a "
+                         "folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _not_writable(cfg, e) from None
+    return workdir
+
+
+def _not_writable(cfg, e: OSError) -> ValueError:
+    return ValueError(f"config.workdir={cfg.workdir!r} cannot be written ({e.strerror}: "
+                      f"{e.filename}); training writes its checkpoints and logs there")
+
+
+def lock_workdir(cfg, workdir: Path) -> WorkdirLock | None:
+    """This job's lock on `workdir`, held by process 0 (the other processes of the job share
+    it); when it is taken or cannot be written, every process raises before touching it."""
+    lock, error = None, None
+    if distributed.is_primary():
+        try:
+            lock = acquire_lock(workdir)
+        except WorkdirLocked as e:
+            error = e
+        except OSError as e:
+            error = _not_writable(cfg, e)
+    if not distributed.primary_says(error is None):
+        raise error or WorkdirLocked(f"work dir {str(workdir)!r} is locked or unwritable (see "
+                                     "process 0's error)")
+    return lock
 
 
 def setup(cfg) -> Run:
-    """Validate `cfg`, start the runtime, build data, model, state and step (or resume the
-    work dir's latest checkpoint) and record the run's configs."""
+    """Validate `cfg`, start the runtime, lock the work dir, build data, model, state and step
+    (or resume the work dir's latest checkpoint) and record the run's configs."""
+    cfg = with_defaults(cfg)
     validate(cfg)
     distributed.initialize(cfg.distributed)  # before anything touches a jax backend
     mesh, rules = run_mesh(cfg)
-    workdir = Path(cfg.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    writer = RunWriter(workdir)
-    ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
-                             cfg.async_checkpointing)
-    resume_step = ckpts.latest_step()
-    try:  # the checks come before any data or model work
-        check_sources(cfg)
+    workdir = _make_workdir(cfg)
+    with contextlib.ExitStack() as undo:  # on an error, close what was opened, newest first
+        lock = lock_workdir(cfg, workdir)  # before anything in the work dir is read or written
+        if lock is not None:
+            undo.callback(lock.release)
+        ckpts = TrainCheckpoints(workdir / "checkpoints", cfg.keep_checkpoints,
+                                 cfg.async_checkpointing)
+        undo.callback(ckpts.close)
+        writer = RunWriter(workdir)
+        resume_step = ckpts.latest_step()
+        check_sources(cfg)  # the checks come before any data or model work
         if resume_step is not None and check_resume(cfg, workdir, resume_step):
             writer.write_text(TRAIN_CONFIG, cfg.to_json_best_effort(indent=2))
         tokenizer, stream, eval_batches, stats = build_data(cfg, workdir)
@@ -351,19 +466,18 @@ def setup(cfg) -> Run:
             f"{cfg.data.seq_len} tokens ({stats.no_targets} of them left with no target), "
             f"{stats.target_tokens} target tokens, {stream.rows_per_epoch} rows/epoch "
             f"({'packed' if cfg.data.pack else 'padded'})")
-        config, state, step_fn, part, start = initial_state(cfg, writer, ckpts, resume_step,
-                                                     len(tokenizer), mesh, rules)
-    except BaseException:
-        ckpts.close()
-        raise
-    rows = shd.process_rows(part.batch, cfg.batch_size)
+        start = initial_state(cfg, writer, ckpts, resume_step, len(tokenizer), mesh, rules)
+        undo.pop_all()  # the Run owns the lock and the checkpoints from here on
+    rows = shd.process_rows(start.part.batch, cfg.batch_size)
     log(f"mesh {shd.describe(mesh)} over {jax.device_count()} devices in "
         f"{jax.process_count()} process(es); process 0 feeds batch rows {rows}")
     if jax.process_count() > 1 and eval_batches:  # global (replicated) arrays for eval
-        eval_batches = [shd.place(b, jax.tree.map(lambda _: part.replicated, b))
+        eval_batches = [shd.place(b, jax.tree.map(lambda _: start.part.replicated, b))
                         for b in eval_batches]
-    return Run(cfg, workdir, writer, ckpts, config, part, state, step_fn, stream,
-               eval_batches, stats, rows, start)
+    return Run(cfg, workdir, writer, ckpts, start.config, start.part, start.state,
+               start.step_fn, stream, eval_batches, stats, rows, start.step, start.target,
+               DivergenceGuard(GuardSettings.from_config(cfg.guard)), lock,
+               start.meta.get("batch_offset", 0), start.meta.get("guard_retries", 0))
 
 
 # ------------------------------------------------------------------------ loop
@@ -384,50 +498,61 @@ class _StopFlag:
 
 def global_batch(run: Run, k: int) -> dict:
     """Global batch k of the run's stream, as this process's rows of one jax.Array each."""
-    full = run.stream.batch(k)  # host numpy; every process already packs the whole epoch
+    full = run.stream.batch(k + run.batch_offset)  # host numpy; every process packs it all
     return shd.global_batch(lambda lo, hi: {key: v[lo:hi] for key, v in full.items()},
                             run.part.batch, run.cfg.batch_size)
 
 
+def _log_eval_save(run: Run, step: int, metrics, stop: _StopFlag,
+                   throughput: Throughput) -> bool:
+    """What follows step `step` on the config's intervals: the progress line, held-out eval
+    and the checkpoint; True when it saved (the guard has then seen this step)."""
+    cfg = run.cfg
+    throughput.tick()
+    if jax.process_count() > 1:  # a signal on any host stops every host at this step
+        stop.signum = _agree_on_signal(stop.signum)
+    if step % cfg.log_every == 0 or step == cfg.total_steps or stop.signum:
+        m = throughput.record(step, metrics, run.stream.epochs_at(step + run.batch_offset))
+        log(format_metrics(step, cfg.total_steps, m, train_exits(run.config, cfg.mode)))
+        run.writer.metrics(step, m)
+    if cfg.eval_every and step % cfg.eval_every == 0 and run.eval_batches:
+        run.evaluate(step)
+    if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+        run.save(step, metrics)
+        return True
+    return False
+
+
 def run_loop(run: Run, on_step=None) -> dict:
     """Step `run` to config.total_steps (or a signal), logging, evaluating and
-    checkpointing on the config's intervals; closes the run and returns its summary."""
+    checkpointing on the config's intervals, with every step shown to the divergence guard;
+    closes the run and returns its summary."""
     cfg = run.cfg
-    exits = train_exits(run.config, cfg.mode)
     step = run.start_step
     stop = _StopFlag()
     throughput = Throughput(cfg.batch_size * cfg.data.seq_len)
-    pending = None  # (step, metrics) not yet checked for NaN / inf
+    pending = None  # (step, metrics) the guard has not seen yet
     try:
         while step < cfg.total_steps:
-            run.state, metrics = run.step_fn(run.state, global_batch(run, step))
-            if pending is not None:  # one step behind: the host never waits on the device
-                check_finite(*pending)
-            step += 1
-            pending = (step, metrics)
-            throughput.tick()
-            if on_step is not None:
-                on_step(step)
-            if jax.process_count() > 1:  # a signal on any host stops every host at this step
-                stop.signum = _agree_on_signal(stop.signum)
-            if step % cfg.log_every == 0 or step == cfg.total_steps or stop.signum:
-                m = throughput.record(step, metrics, run.stream.epochs_at(step))
-                log(format_metrics(step, cfg.total_steps, m, exits))
-                run.writer.metrics(step, m)
-            if cfg.eval_every and step % cfg.eval_every == 0 and run.eval_batches:
-                run.evaluate(step)
-            if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                run.save(step, metrics)
-                pending = None  # save() checked this step's loss and gradient norm
-            if stop.signum:
-                if step % cfg.checkpoint_every and step != cfg.total_steps:
-                    run.save(step, metrics, force=True)
-                run.ckpts.wait()
-                log(f"signal {stop.signum}: checkpointed step {step}; rerun the same command "
-                    "to resume")
-                return run.summary("interrupted", step, throughput.history)
-        if pending is not None:
-            check_finite(*pending)
+            try:
+                run.state, metrics = run.step_fn(run.state, global_batch(run, step))
+                if pending is not None:  # one step behind: the host never waits on the device
+                    run.watch(*pending)
+                step += 1
+                pending = (step, metrics)
+                if on_step is not None:
+                    on_step(step)
+                if _log_eval_save(run, step, metrics, stop, throughput):
+                    pending = None
+                if stop.signum:
+                    if pending is not None:
+                        run.save(step, metrics, force=True)
+                    run.ckpts.wait()
+                    log(f"signal {stop.signum}: checkpointed step {step}; rerun the same "
+                        "command to resume")
+                    return run.summary("interrupted", step, throughput.history)
+            except Diverged as d:
+                step, pending = run.recover(d.divergence), None
         run.ckpts.wait()
         results = run.evaluate(step) if run.eval_batches else {}
     finally:

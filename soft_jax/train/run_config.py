@@ -6,6 +6,8 @@ fields the schema does not know, naming them.
 
 from __future__ import annotations
 
+import copy
+
 import ml_collections
 
 from soft_jax.data.formats import FORMATS, TEMPLATES
@@ -64,6 +66,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.grad_clip = 1.0
 
+    # Divergence guard (train/guard.py): NaN / inf, a zero gradient norm or a loss far above
+    # its recent median, the last two for several steps in a row, stop the run (exit 3) with
+    # the last good checkpoint kept as the latest; `retries` > 0 instead restores it and skips
+    # the batches since (PaLM's practice), that many times. 0 steps turns a rule off. The
+    # defaults are quiet on healthy runs: a fine-tune's loss falls, and a single spike ends.
+    c.guard = ml_collections.ConfigDict()
+    c.guard.zero_grad_steps = 5  # steps in a row with gradient norm <= zero_grad_norm
+    c.guard.zero_grad_norm = 1e-12
+    c.guard.spike_factor = 3.0  # loss above this x the median of the recent healthy losses ...
+    c.guard.spike_steps = 5  # ... for this many steps in a row
+    c.guard.spike_window = 100  # steps of that median (the first 10 are never judged)
+    c.guard.retries = 0  # restore-and-skip attempts before the run stops
+
     c.loss = ml_collections.ConfigDict()
     c.loss.impl = "auto"  # auto | plain | chunked | chunked_recompute (soft_jax/loss.py)
     c.loss.chunk_tokens = 0  # tokens per chunk of the chunked loss; 0 = backend default
@@ -113,6 +128,24 @@ def unknown_fields(cfg, ref, open_keys=(), prefix="") -> list[str]:
     return out
 
 
+def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `cfg` with each schema field it lacks (e.g. `guard` or `loss.recipe` in a
+    train_config.json written before they existed) set to its default."""
+    cfg = copy.deepcopy(cfg)
+    with cfg.unlocked():
+        _fill(cfg, default_config())
+    return cfg
+
+
+def _fill(cfg: ml_collections.ConfigDict, ref: ml_collections.ConfigDict) -> None:
+    for key in ref.keys():
+        if key not in cfg:
+            cfg[key] = copy.deepcopy(ref[key])
+        elif (key != "overrides" and isinstance(ref[key], ml_collections.ConfigDict)
+              and isinstance(cfg[key], ml_collections.ConfigDict)):
+            _fill(cfg[key], ref[key])
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raise ValueError naming unknown fields or bad values."""
     unknown = unknown_fields(cfg, default_config(), open_keys=("overrides",))
@@ -145,9 +178,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config.data.template={cfg.data.template!r}; expected "
                          f"{', '.join(TEMPLATES)}")
     check_recipe(cfg.loss)
+    _validate_guard(cfg.guard)
     if cfg.distributed.mode not in DISTRIBUTED_MODES:
         raise ValueError(f"config.distributed.mode={cfg.distributed.mode!r}; expected "
                          f"{', '.join(DISTRIBUTED_MODES)}")
+
+
+def _validate_guard(g) -> None:
+    for name in ("zero_grad_steps", "spike_steps", "retries"):
+        if isinstance(g[name], bool) or not isinstance(g[name], int) or g[name] < 0:
+            raise ValueError(f"config.guard.{name} must be an int >= 0 (0 = off), got {g[name]!r}")
+    if not g.spike_window >= 1:
+        raise ValueError(f"config.guard.spike_window must be >= 1, got {g.spike_window!r}")
+    if not g.spike_factor > 1:  # nan fails too
+        raise ValueError(f"config.guard.spike_factor must be > 1 (a multiple of the median "
+                         f"loss), got {g.spike_factor!r}")
+    if not 0 <= g.zero_grad_norm < float("inf"):
+        raise ValueError(f"config.guard.zero_grad_norm must be a finite number >= 0, got "
+                         f"{g.zero_grad_norm!r}")
 
 
 # Fields a resumed run may change: how it runs, logs, checkpoints and is laid out on
@@ -155,7 +203,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 RESUME_MAY_CHANGE = ("workdir", "total_steps", "checkpoint_every", "keep_checkpoints",
                      "async_checkpointing", "log_every", "eval_every", "eval_batches",
                      "grad_accum", "data.eval_source", "data.eval_split", "loss.impl",
-                     "loss.chunk_tokens", "model.remat_policy", "mesh", "distributed")
+                     "loss.chunk_tokens", "model.remat_policy", "mesh", "distributed",
+                     "guard")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -170,8 +219,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def resume_changes(saved: dict, new: dict) -> list[tuple[str, object, object]]:
     """(field, saved value, new value) for each field that changes what a resumed run
-    trains (both configs as JSON dicts; absent fields read as None)."""
-    a, b = _flatten(saved), _flatten(new)
+    trains (both configs as JSON dicts). A field the saved config predates reads as its
+    default (what the run did before the field existed); other absent fields read as None."""
+    import json
+
+    a = {**_flatten(json.loads(default_config().to_json_best_effort())), **_flatten(saved)}
+    b = _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k)
             and not any(k == f or k.startswith(f + ".") for f in RESUME_MAY_CHANGE)]
