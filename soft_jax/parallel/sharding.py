@@ -309,8 +309,8 @@ def build_mesh(mesh_cfg=None, devices: Sequence | None = None) -> Mesh:
         arr = mesh_utils.create_hybrid_device_mesh(
             ici, dcn, devs, process_is_granule=not multislice, allow_split_physical_axes=True)
         return Mesh(arr, MESH_AXES, axis_types=types)
-    if devices is None:
-        return jax.make_mesh(shape.axis_sizes, MESH_AXES, axis_types=types)
+    if devices is None or devs[0].platform == "tpu":  # TPU: laid out on the chips' torus
+        return jax.make_mesh(shape.axis_sizes, MESH_AXES, axis_types=types, devices=devs)
     return Mesh(np.asarray(devs, dtype=object).reshape(shape.axis_sizes), MESH_AXES,
                 axis_types=types)
 

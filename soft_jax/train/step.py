@@ -17,6 +17,7 @@ import optax
 from flax import struct
 
 from soft_jax.parallel import sharding as shd
+from soft_jax.train.chunked_loss import default_chunk_tokens
 from soft_jax.model.config import LlamaConfig
 from soft_jax.train.loss import loss_fn
 from soft_jax.model.transformer import init_params
@@ -48,13 +49,15 @@ class StepSettings:
     z_loss: float = 0.0
     loss_impl: str = "auto"
     chunk_tokens: int | None = None  # None: the backend's default chunk
+    backend: str | None = None  # whose defaults apply (None: jax's default backend)
 
     @classmethod
-    def from_config(cls, cfg) -> "StepSettings":
-        """The step settings of a training config (soft_jax/train/run_config.py)."""
+    def from_config(cls, cfg, backend: str | None = None) -> "StepSettings":
+        """The step settings of a training config (soft_jax/train/run_config.py), for `backend`
+        (default: the one this process runs on)."""
         return cls(mode=str(cfg.mode), seed=int(cfg.seed), grad_accum=int(cfg.grad_accum),
                    z_loss=float(cfg.loss.z_loss), loss_impl=str(cfg.loss.impl),
-                   chunk_tokens=int(cfg.loss.chunk_tokens) or None)
+                   chunk_tokens=int(cfg.loss.chunk_tokens) or None, backend=backend)
 
 
 class Partitioning(NamedTuple):
@@ -109,6 +112,8 @@ def make_train_step(config: LlamaConfig, settings: StepSettings, tx, schedule,
     s = settings
     exits = train_exits(config, s.mode)
     accum = s.grad_accum
+    chunk = s.chunk_tokens or (default_chunk_tokens(config.vocab_size, s.backend)
+                               if s.backend else None)
 
     def loss_of(trainable, frozen, batch, rng):
         weights = None
@@ -116,7 +121,7 @@ def make_train_step(config: LlamaConfig, settings: StepSettings, tx, schedule,
             idx = jax.random.randint(rng, (), 0, len(exits))
             weights = jax.nn.one_hot(idx, len(exits))
         loss, metrics = loss_fn(config, {**frozen, **trainable}, batch, exits, z_loss=s.z_loss,
-                                impl=s.loss_impl, chunk_tokens=s.chunk_tokens, weights=weights)
+                                impl=s.loss_impl, chunk_tokens=chunk, weights=weights)
         if weights is not None:
             metrics = {**metrics, "sampled_exit": jnp.asarray(exits)[idx]}
         return loss, metrics
