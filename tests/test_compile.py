@@ -140,3 +140,13 @@ def test_soft_jax_leaves_the_tpu_out_where_there_is_none():
     assert p.stdout.split()[-1] == "cpu" and "tpu" not in p.stdout.split()[0]
     assert "TPU" not in p.stderr and "host bounds" not in p.stderr, p.stderr
     assert choose_platforms({"JAX_PLATFORMS": "cpu"}) is None  # an explicit choice stays
+
+
+@needs_libtpu
+def test_planner_prints_the_compiled_peak_beside_its_estimate():
+    p = subprocess.run([sys.executable, "-m", "soft_jax", "memory", "--preset", "tiny", "--mesh",
+                        "data=4", "--batch", "8", "--seq", "256", "--topology", "v5e-4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "TPU v5e: 15.75 GiB per chip as its compiler counts it" in p.stdout
+    assert "TPU compiler (v5e-4): peak " in p.stdout and "the estimate" in p.stdout
