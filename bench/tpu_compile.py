@@ -1,11 +1,11 @@
 """The TPU compiler's figures for docs/tpu.md: LLaMA-2 7B / 13B / 70B and a Llama-3-8B-shaped
-model x TPU slices x SFT / SoFT / ICT, the paper recipe's `--fit` flags per slice, the
+model (llama3.1-8b) x TPU slices x SFT / SoFT / ICT, the paper recipe's `--fit` flags per slice, the
 planner-comparison grid and the decoding programs.
 
     nohup .venv/bin/python bench/tpu_compile.py > bench_tpu.log 2>&1 &
     .venv/bin/python bench/tpu_compile.py --only fit-13b   # one stage group
 
-Every job is one `python -m soft_jax.compile` subprocess (its own memory and caches); its
+Every job is one `soft-jax compile` subprocess (its own memory and caches); its
 rows are added to --rows (default docs/tpu_rows.json) as soon as it finishes, and a job
 whose result is already there is skipped, so a later run resumes where this one stopped.
 `--report` prints docs/tpu.md's tables from whatever rows exist.
@@ -27,7 +27,7 @@ PAPER = "configs/llama2_13b_alpaca_soft.py"
 MODELS = {  # 8 exits each
     "llama2-13b": (12, 16, 20, 24, 28, 32, 36, 40),
     "llama2-7b": (4, 8, 12, 16, 20, 24, 28, 32),
-    "llama3-8b": (4, 8, 12, 16, 20, 24, 28, 32),
+    "llama3.1-8b": (4, 8, 12, 16, 20, 24, 28, 32),
     "llama2-70b": (24, 32, 40, 48, 56, 64, 72, 80),
 }
 TABLE_TOPOLOGIES = ("v5e-32", "v4-64", "v5p-64", "v6e-64", "v5e-256")
@@ -89,10 +89,10 @@ def versions() -> dict:
 
 
 def compile_cli(args: list[str]) -> tuple[int, list[dict], str]:
-    """(exit status, JSON rows, output) of one `python -m soft_jax.compile` run."""
+    """(exit status, JSON rows, output) of one `soft-jax compile` run."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
-        p = subprocess.run([sys.executable, "-m", "soft_jax.compile", "--config", PAPER,
+        p = subprocess.run([sys.executable, "-m", "soft_jax", "compile", "--config", PAPER,
                             *args, "--json", str(out)], cwd=ROOT, capture_output=True,
                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         rows = json.loads(out.read_text()) if out.is_file() else []
@@ -200,9 +200,9 @@ def planner_rows(store: Store, model: str, topology: str) -> None:
 # ------------------------------------------------------------------------------- report
 def planned_gib(row: dict, model: str) -> float:
     """soft_jax.memory's estimate for a compiled row's step (GiB per chip)."""
-    from soft_jax.config import preset
-    from soft_jax.memory import parse_mesh, plan
-    from soft_jax.train_config import exit_heads_for
+    from soft_jax.model.config import preset
+    from soft_jax.train.memory import parse_mesh, plan
+    from soft_jax.train.modes import exit_heads_for
 
     exits = MODELS[model]
     config = preset(model, dtype="bfloat16", param_dtype="float32", remat_policy=row["remat"],
