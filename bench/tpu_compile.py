@@ -33,6 +33,7 @@ MODELS = {  # 8 exits each
 TABLE_TOPOLOGIES = ("v5e-32", "v4-64", "v5p-64", "v6e-64", "v5e-256")
 PLANNER_POLICIES = ("save_dots", "save_qkv_out", "full")
 BATCH = 32  # the paper's rows per step
+MARKER = "<!-- tables: .venv/bin/python bench/tpu_compile.py --report --write docs/tpu.md -->"
 
 
 def chips(topology: str) -> int:
@@ -306,10 +307,17 @@ def main(argv=None) -> None:
     ap.add_argument("--rows", default=str(ROOT / "docs" / "tpu_rows.json"))
     ap.add_argument("--only", choices=tuple(STAGES), action="append")
     ap.add_argument("--report", action="store_true", help="print the tables, compile nothing")
+    ap.add_argument("--write", help="with --report: replace what follows MARKER in this file")
     a = ap.parse_args(argv)
     store = Store(Path(a.rows))
     if a.report:
-        print(report(store))
+        tables = report(store)
+        if a.write:
+            doc = Path(a.write).read_text()
+            Path(a.write).write_text(doc[:doc.index(MARKER) + len(MARKER)] + "\n\n" + tables
+                                     + "\n")
+        else:
+            print(tables)
         return
     for name in a.only or STAGES:
         log(f"stage {name}")
