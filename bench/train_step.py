@@ -13,11 +13,9 @@ Printed per variant: step time (mean of --steps after --warmup, one device sync 
 end), tokens/s, model FLOPs per token, MFU, peak memory, compile time (lower + compile). Then
 the SoFT/SFT ratios (time, memory) and the FLOP-theoretic SoFT/SFT ratio.
 
-FLOPs per token (training, forward + backward), T = sequence length:
+FLOPs per token (training, forward + backward): soft_jax/flops.py's
     6*N + 6*L*T*D + 6*D*V*(E - 1)
-N = matmul parameters of one SFT forward (layers + final norm + LM head; the embedding
-lookup and ICT exit heads are not counted), 6*L*T*D = causal attention scores and values,
-6*D*V*(E-1) = the shared head applied at the E-1 extra exits. MFU = FLOPs/token x tokens/s
+(N = matmul parameters of one SFT forward, T = sequence length). MFU = FLOPs/token x tokens/s
 / peak; peak = --peak-tflops, else 989 TFLOP/s for H100/H200 with bf16 (dense), else (CPU)
 the best of 5 timed 2048^3 matmuls in the compute dtype, measured once (first variant) and
 used for every row. On a shared CPU that figure moves with the load: read CPU MFU loosely.
@@ -41,21 +39,6 @@ if __package__ in (None, ""):  # `python bench/train_step.py` from the repo root
 
 DEFAULT_VARIANTS = ("sft/plain", "sft/chunked", "soft/plain", "soft/chunked")
 H100_BF16_PEAK = 989e12
-
-
-# ---------------------------------------------------------------------------- FLOP model
-def matmul_params(config) -> int:
-    """N: parameters of the matmuls in one SFT forward (layers, final norm, shared head)."""
-    d, f, hd = config.hidden_size, config.intermediate_size, config.kv_head_dim
-    attn = d * config.num_heads * hd * 2 + d * config.num_kv_heads * hd * 2  # q, o, k, v
-    layer = attn + 3 * d * f + 2 * d
-    return config.num_layers * layer + d + d * config.vocab_size
-
-
-def flops_per_token(config, seq: int, n_exits: int) -> float:
-    """6N + 6*L*T*D + 6*D*V*(E-1) (see the module docstring)."""
-    d, v, nl = config.hidden_size, config.vocab_size, config.num_layers
-    return 6 * matmul_params(config) + 6 * nl * seq * d + 6 * d * v * (n_exits - 1)
 
 
 # ------------------------------------------------------------------------- one variant
@@ -89,6 +72,7 @@ def run_variant(args, variant: str) -> dict:
     from soft_jax.train.chunked_loss import default_chunk_tokens
     from soft_jax.cli.flags import comma_ints
     from soft_jax.model.config import preset
+    from soft_jax.train.flops import flops_per_token, matmul_params
     from soft_jax.model.layers import attention_impl
     from soft_jax.train.loss import loss_fn, resolve_loss_impl
     from soft_jax.model.transformer import init_params

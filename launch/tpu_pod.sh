@@ -9,13 +9,18 @@
 # command so the data axis spans the slices.
 # The work dir must be storage every host sees (a gcsfuse / Filestore mount): every host
 # writes its shards of each checkpoint there.
+# Preflight: before it creates or uses the pod, a training command's step (`soft-jax train` or
+# `python -m soft_jax train`) is compiled here for the pod's slice (soft-jax compile --topology
+# ACCELERATOR --slices N, the TPU compiler on this host); a config that does not fit the
+# chips' HBM is refused.
 #
 # Usage:
 #   launch/tpu_pod.sh --name NAME --zone ZONE [options] -- python -m soft_jax train --config X
 # Options:
 #   --project P            gcloud project (default: gcloud's configured one)
 #   --create               create the TPU VM first (needs --accelerator and --version)
-#   --accelerator TYPE     e.g. v5p-32, v4-64, v5litepod-16 (default v5p-32)
+#   --accelerator TYPE     e.g. v5p-32, v4-64, v5litepod-16 (default v5p-32); also the
+#                          slice the preflight compiles for
 #   --version V            TPU software version (default tpu-ubuntu2204-base)
 #   --num-slices N         multi-slice: N slices as one queued resource (default 1)
 #   --spot                 create as spot capacity
@@ -23,7 +28,10 @@
 #   --remote-dir DIR       where the code goes on each host (default soft_jax)
 #   --pip 'SPEC'           extra pip requirement installed with the package
 #                          (default 'jax[tpu]')
-#   --dry-run              print every gcloud command exactly, run nothing
+#   --skip-preflight       launch without compiling the step for the slice first
+#   --preflight-python PY  python with soft_jax and libtpu for the preflight (default: this
+#                          checkout's .venv/bin/python, else python3)
+#   --dry-run              print every command exactly (preflight and gcloud), run nothing
 set -euo pipefail
 
 name=""
@@ -38,7 +46,10 @@ install=1
 remote_dir="soft_jax"
 pip_spec="jax[tpu]"
 dry_run=0
+preflight=1
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+preflight_python="python3"
+[[ -x "$repo_root/.venv/bin/python" ]] && preflight_python="$repo_root/.venv/bin/python"
 
 # quote one word for a POSIX shell, readably: as is when safe, else in single quotes
 q() {
@@ -64,6 +75,8 @@ while [[ $# -gt 0 ]]; do
     --remote-dir) remote_dir="$2"; shift 2 ;;
     --pip) pip_spec="$2"; shift 2 ;;
     --dry-run) dry_run=1; shift ;;
+    --skip-preflight) preflight=0; shift ;;
+    --preflight-python) preflight_python="$2"; shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; break ;;
     *) die "unknown option $1 (the command goes after --)" ;;
@@ -87,6 +100,35 @@ run() {
     "$@"
   fi
 }
+
+# the arguments of a training command (what the preflight compiles): `soft-jax train ...`
+# or `python -m soft_jax train ...`
+train_args=()
+is_train=0
+for ((i = 1; i < $#; i++)); do
+  j=$((i + 1))
+  if [[ "${!i}" =~ (^|/)soft-jax$|^soft_jax$ && "${!j}" == "train" ]]; then
+    is_train=1
+    train_args=("${@:j+1}")
+    break
+  fi
+done
+if [[ "$preflight" == 0 ]]; then
+  echo "# preflight skipped (--skip-preflight)"
+elif [[ "$is_train" == 0 ]]; then
+  echo "# preflight: not a soft-jax train command, nothing to compile"
+else
+  echo "# preflight (in ${repo_root}): compile the train step for ${accelerator} x ${num_slices} slice(s); launch only if it fits"
+  status=0
+  (cd "$repo_root" && run "$preflight_python" -m soft_jax compile --topology "$accelerator" \
+    --slices "$num_slices" "${train_args[@]}") || status=$?
+  if [[ "$status" == 3 ]]; then
+    echo "tpu_pod.sh: the step does not fit ${accelerator} (the compile above says why; --fit suggests flags); --skip-preflight launches anyway" >&2
+    exit 3
+  elif [[ "$status" != 0 ]]; then
+    die "the preflight compile failed (exit ${status}); fix the command or pass --skip-preflight"
+  fi
+fi
 
 if [[ "$num_slices" -gt 1 ]]; then
   nodes=()

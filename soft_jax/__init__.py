@@ -12,6 +12,10 @@ utils, parallel, model, data, io, train, infer, eval, reproduce, and cli (the co
 
 import importlib
 
+from soft_jax.utils.platforms import choose_platforms
+
+choose_platforms()  # before any jax backend starts: no libtpu probing on CPU / GPU hosts
+
 _EXPORTS = {"LlamaConfig": "model.config", "preset": "model.config", "load_hf": "io.hf",
             "save_hf": "io.hf", "exit_loss": "train.loss", "exit_logits": "model.transformer",
             "exit_hidden_states": "model.transformer", "init_params": "model.transformer",

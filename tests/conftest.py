@@ -13,6 +13,8 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
+import soft_jax  # noqa: E402,F401  decides jax's platforms before any test starts a backend
+
 
 # family -> (transformers config class, model class)
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),

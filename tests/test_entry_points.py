@@ -13,7 +13,7 @@ from soft_jax.infer.generate import generate
 
 # command -> a word its --help prints; every command exits 0 after --help.
 HELP_WORDS = {"convert": "from-hf", "generate": "--draft-exit", "train": "--config.optimizer.lr",
-              "eval": "--tasks", "harness": "--tasks", "memory": "--preset", "demo": "--steps",
+              "eval": "--tasks", "harness": "--tasks", "memory": "--preset", "compile": "--topology", "demo": "--steps",
               "reproduce": "--report-only"}
 SCRIPT = Path(sys.executable).with_name("soft-jax")
 

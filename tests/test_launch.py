@@ -147,8 +147,12 @@ done; done
 def test_tpu_dry_run_prints_exact_gcloud_commands():
     out = run([LAUNCH / "tpu_pod.sh", "--dry-run", "--create", "--name", "soft-v4",
                "--zone", "us-central2-b", "--project", "my-proj", "--accelerator", "v4-32",
-               "--", *TRAIN]).stdout
+               "--preflight-python", "python3", "--", *TRAIN]).stdout
     cmds = [shlex.split(ln) for ln in out.splitlines() if not ln.startswith("#")]
+    # first the preflight: the step compiled here for the pod's slice, the train args as given
+    assert "# preflight (in " in out
+    assert cmds.pop(0) == ["python3", "-m", "soft_jax", "compile", "--topology", "v4-32",
+                           "--slices", "1", *TRAIN[4:]]
     common = ["--zone=us-central2-b", "--project=my-proj"]
     assert cmds[0] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "soft-v4", *common,
                        "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]
@@ -171,9 +175,11 @@ def test_tpu_dry_run_prints_exact_gcloud_commands():
 
 
 def test_tpu_multislice_and_real_run_calls_gcloud_exactly_as_printed(tmp_path):
-    args = ["--name", "ms", "--zone", "z", "--num-slices", "2", "--no-install", "--",
-            "python", "-m", "soft_jax", "train", "--config.mesh.dcn_data=2"]
+    args = ["--name", "ms", "--zone", "z", "--num-slices", "2", "--no-install",
+            "--skip-preflight", "--", "python", "-m", "soft_jax", "train",
+            "--config.mesh.dcn_data=2"]
     dry = run([LAUNCH / "tpu_pod.sh", "--dry-run", "--create", *args]).stdout
+    assert "# preflight skipped (--skip-preflight)" in dry
     printed = [ln for ln in dry.splitlines() if not ln.startswith("#")]
     assert printed[0] == ("gcloud compute tpus queued-resources create ms --zone=z "
                           "--accelerator-type=v5p-32 --runtime-version=tpu-ubuntu2204-base "
@@ -188,6 +194,30 @@ def test_tpu_multislice_and_real_run_calls_gcloud_exactly_as_printed(tmp_path):
     called = sorted(shlex.split(f.read_text()) for f in calls.iterdir())
     assert called == sorted(shlex.split(ln) for ln in printed[1:])
     assert detect_tpu_env()
+
+
+@pytest.mark.parametrize("preflight_status", [0, 3])
+def test_tpu_preflight_runs_first_and_refuses_a_step_that_does_not_fit(tmp_path,
+                                                                       preflight_status):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    _stub(bin_dir, "gcloud", f'echo gcloud "$@" >> {calls}\n')
+    _stub(bin_dir, "py", f'echo preflight "$@" >> {calls}\nexit {preflight_status}\n')
+    args = ["--name", "p", "--zone", "z", "--accelerator", "v5litepod-16", "--no-install",
+            "--preflight-python", bin_dir / "py", "--", "soft-jax", "train",
+            "--config", "configs/tiny.py", "--config.mesh.fsdp=-1"]
+    p = run([LAUNCH / "tpu_pod.sh", *args], env={"PATH": f"{bin_dir}:{os.environ['PATH']}"},
+            check=False)
+    lines = calls.read_text().splitlines()
+    assert lines[0] == ("preflight -m soft_jax compile --topology v5litepod-16 --slices 1 "
+                        "--config configs/tiny.py --config.mesh.fsdp=-1")
+    assert p.returncode == preflight_status, p.stdout + p.stderr
+    if preflight_status:  # refused before any gcloud call
+        assert lines == lines[:1] and "does not fit v5litepod-16" in p.stderr
+        assert "--skip-preflight" in p.stderr
+    else:
+        assert lines[1].startswith("gcloud compute tpus tpu-vm ssh p --worker=all")
 
 
 def detect_tpu_env():

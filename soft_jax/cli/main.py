@@ -13,6 +13,7 @@ COMMANDS = {  # name -> one line of help; each is the module soft_jax.cli.<name>
     "eval": "per-exit held-out loss, GSM8K, TriviaQA, generations, pairwise, sorted-ness",
     "harness": "lm-evaluation-harness tasks at every exit",
     "memory": "per-device memory plan of a training step",
+    "compile": "the exact train step (or generation) compiled for a TPU slice: fits, --fit",
     "reproduce": "the stage-cached real-weights reproduction (SmolLM2 SFT / SoFT / ICT)",
     "demo": "the embedded default: SoFT and its SFT twin, a per-exit table and plot",
 }

@@ -7,10 +7,11 @@ left-padded so every row writes the same slot each step; row b's real tokens sta
 before the query's slot and is a real token, so entries beyond the current length (stale
 drafts, garbage rows) are never read: rolling back a cache is just moving the write slot back.
 
-Weights: decoding reads the layer stack split into one weight dict per layer
+Weights: on CPU, decoding reads the layer stack split into one weight dict per layer
 (`for_decoding`). A layer taken out of the stacked [layers, ...] arrays with an index inside
 the loop is copied on XLA CPU before every dot (docs/profile.md: 57% of a token's time); per
-layer arrays reach the dots in place. Per-layer caches likewise update in place.
+layer arrays reach the dots in place. On accelerators the stack is read as it is (one copy of
+the weights). Per-layer caches likewise update in place.
 """
 
 from __future__ import annotations
@@ -98,13 +99,18 @@ _SPLIT_CACHE: list = []  # [(weakrefs to the stacked leaves, split layers)]: the
 
 
 def for_decoding(params: dict) -> dict:
-    """`params` with the layer stack as a tuple of per-layer weight dicts (what the decoding
-    loops read without copying). Made once per params tree: the split of the latest tree is
-    kept while its arrays live, at the cost of a second copy of the layer weights."""
+    """On XLA CPU, `params` with the layer stack as a tuple of per-layer weight dicts (what
+    the decoding loops read without copying). Made once per params tree: the split of the
+    latest tree is kept while its arrays live, at the cost of a second copy of the layer
+    weights. Elsewhere `params` as they are: a second copy does not fit beside a model sized
+    to the device, and the TPU compiler reads the stack's layers in place for the greedy loop
+    (`soft-jax compile --decode`, LLaMA-2 7B bf16 on one v5e chip: 1.08 GiB of temporaries
+    from the stack, 1.04 from the copy). Its self-speculative loop is not copy-free there yet:
+    17.7 GiB of temporaries from the stack, as much as the copy it would otherwise need."""
     layers = params["layers"]
-    if isinstance(layers, tuple):
-        return params
     leaves = jax.tree.leaves(layers)
+    if isinstance(layers, tuple) or not _on_cpu(leaves[0]):
+        return params
     hit = _SPLIT_CACHE[0] if _SPLIT_CACHE else None
     if hit is None or len(hit[0]) != len(leaves) or any(r() is not x for r, x in zip(hit[0], leaves)):
         hit = ([weakref.ref(x) for x in leaves], _split(layers))
@@ -112,6 +118,12 @@ def for_decoding(params: dict) -> dict:
         for x in leaves:  # the split dies with its params (it can never match again)
             weakref.finalize(x, _forget, id(hit))
     return {**params, "layers": hit[1]}
+
+
+def _on_cpu(x) -> bool:
+    if isinstance(x, jax.Array):
+        return all(d.platform == "cpu" for d in x.devices())
+    return jax.default_backend() == "cpu"
 
 
 def _forget(entry_id: int) -> None:

@@ -309,6 +309,13 @@ def build_mesh(mesh_cfg=None, devices: Sequence | None = None) -> Mesh:
         arr = mesh_utils.create_hybrid_device_mesh(
             ici, dcn, devs, process_is_granule=not multislice, allow_split_physical_axes=True)
         return Mesh(arr, MESH_AXES, axis_types=types)
+    if devs[0].platform == "tpu":  # laid out on the chips' torus; an axis may split one of
+        # its dimensions (tensor=2 on an 8x8 v6e), which jax.make_mesh refuses
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape.axis_sizes, devs,
+                                            allow_split_physical_axes=True)
+        return Mesh(arr, MESH_AXES, axis_types=types)
     if devices is None:
         return jax.make_mesh(shape.axis_sizes, MESH_AXES, axis_types=types)
     return Mesh(np.asarray(devs, dtype=object).reshape(shape.axis_sizes), MESH_AXES,

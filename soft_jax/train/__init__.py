@@ -5,5 +5,5 @@
 - `step`: `TrainState`, `StepSettings`, `make_train_step` (jitted, sharded).
 - `loss` / `chunked_loss`: `exit_loss` and the chunked multi-exit cross-entropy.
 - `heldout`: `per_exit_metrics`; `memory`: the per-device memory `plan`; `run_log`: metrics
-  files and TensorBoard.
+  files and TensorBoard; `flops`: model FLOPs of a step.
 """

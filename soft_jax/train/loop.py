@@ -181,22 +181,15 @@ def random_params(config: LlamaConfig, seed: int, mesh=None, rules=shd.RULES) ->
     return jax.jit(init, out_shardings=shardings)(key)
 
 
-def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[LlamaConfig, dict]:
-    """Model config and initial params: random from a preset, a HF model, or a checkpoint.
+def model_fields(cfg) -> dict:
+    """The LlamaConfig fields a run sets whatever the model's source: dtypes, remat."""
+    return dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
+                remat_policy=cfg.model.remat_policy)
 
-    With a `mesh`, the params come back sharded by the logical-axis rules: random init runs
-    under jit straight into its shards, checkpoints restore shard by shard, and HF weights are
-    cut into shards on the host.
-    """
-    model_fields = dict(param_dtype=cfg.model.param_dtype, dtype=cfg.model.dtype,
-                        remat_policy=cfg.model.remat_policy)
-    src = cfg.model.init_from
-    params = None
-    if not src:
-        config = preset_config(cfg, vocab_size, **model_fields)
-    else:  # a checkpoint (restored shard by shard), HF folder or hub name, in the param dtype
-        config, params, _, _ = load_model(src, cfg.model.param_dtype, mesh=mesh, rules=rules,
-                                          tokenizer=False)
+
+def run_model_config(cfg, config: LlamaConfig, vocab_size: int) -> LlamaConfig:
+    """A model shape (a preset's or a loaded model's) as the run trains it: the run's exits
+    and exit weights, dtypes, remat policy and ICT exit heads; checks the tokenizer fits."""
     try:
         exits, weights = pair_exit_weights(tuple(cfg.exits) or config.exits,
                                            tuple(cfg.exit_weights) or None, config.num_layers,
@@ -204,11 +197,29 @@ def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[Llama
     except ValueError as e:
         raise ValueError(f"{e} (config.exits={tuple(cfg.exits)} on a model of "
                          f"{config.num_layers} layers)") from None
-    config = config.replace(exits=exits, exit_weights=weights, **model_fields,
+    config = config.replace(exits=exits, exit_weights=weights, **model_fields(cfg),
                             num_exit_heads=exit_heads_for(cfg.mode, exits))
     if vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size} (config.model / config.data.tokenizer)")
+    return config
+
+
+def build_model(cfg, vocab_size: int, mesh=None, rules=shd.RULES) -> tuple[LlamaConfig, dict]:
+    """Model config and initial params: random from a preset, a HF model, or a checkpoint.
+
+    With a `mesh`, the params come back sharded by the logical-axis rules: random init runs
+    under jit straight into its shards, checkpoints restore shard by shard, and HF weights are
+    cut into shards on the host.
+    """
+    src = cfg.model.init_from
+    params = None
+    if not src:
+        config = preset_config(cfg, vocab_size, **model_fields(cfg))
+    else:  # a checkpoint (restored shard by shard), HF folder or hub name, in the param dtype
+        config, params, _, _ = load_model(src, cfg.model.param_dtype, mesh=mesh, rules=rules,
+                                          tokenizer=False)
+    config = run_model_config(cfg, config, vocab_size)
     if params is None:
         params = random_params(config, cfg.seed, mesh, rules)
     if cfg.mode == "ict" and "exit_heads" not in params:
@@ -343,9 +354,10 @@ def stop_message(d: Divergence, good: int | None, moved: list[int], retries: int
             "config.guard.retries)")
 
 
-def run_mesh(cfg) -> tuple[jax.sharding.Mesh, tuple]:
-    """The run's device mesh and sharding rules; checks the batch splits over data x fsdp."""
-    mesh = shd.build_mesh(cfg.mesh)
+def run_mesh(cfg, devices=None) -> tuple[jax.sharding.Mesh, tuple]:
+    """The run's device mesh (over `devices`, default all) and sharding rules; checks the
+    batch splits over data x fsdp."""
+    mesh = shd.build_mesh(cfg.mesh, devices)
     rules = shd.make_rules(cfg.mesh.rules)
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.batch_size % dp:
@@ -381,14 +393,9 @@ def initial_state(cfg, writer: RunWriter, ckpts: TrainCheckpoints, resume_step: 
         config, params = build_model(cfg, vocab_size, mesh, rules)
         writer.write_text(MODEL_CONFIG, json.dumps(config.to_dict(), indent=2))
         writer.write_text(TRAIN_CONFIG, cfg.to_json_best_effort(indent=2))
-    tx, schedule = make_optimizer(cfg)
-    params_abstract = params if params is not None else jax.eval_shape(
-        lambda: init_params(config, jax.random.PRNGKey(0)))
-    keys = trainable_keys(params_abstract, cfg.mode)
-    abstract = abstract_state(config, tx, keys, params_abstract)
-    part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len,
-                             param_axes(config))
-    target = sharded_target(abstract, part)
+    built = build_step(cfg, config, mesh, rules, params)
+    part = built.part
+    target = sharded_target(built.abstract, part)
     meta = {}
     if resume_step is not None:
         resume_step, params, opt_state, meta = ckpts.restore_latest(target.params,
@@ -396,11 +403,10 @@ def initial_state(cfg, writer: RunWriter, ckpts: TrainCheckpoints, resume_step: 
         ckpts.pin(resume_step)
         log(f"resumed from step {resume_step} ({meta.get('data_position')})")
     else:
-        opt_state = jax.jit(tx.init, out_shardings=part.state.opt_state)(
-            {k: params[k] for k in keys})
+        opt_state = jax.jit(built.tx.init, out_shardings=part.state.opt_state)(
+            {k: params[k] for k in built.keys})
     step = jax.device_put(jnp.asarray(resume_step or 0, jnp.int32), part.state.step)
-    step_fn = make_train_step(config, StepSettings.from_config(cfg), tx, schedule, keys, part)
-    return Start(config, TrainState(step, params, opt_state), step_fn, part,
+    return Start(config, TrainState(step, params, opt_state), built.step_fn, part,
                  int(resume_step or 0), target, meta)
 
 
@@ -439,6 +445,43 @@ def lock_workdir(cfg, workdir: Path) -> WorkdirLock | None:
         raise error or WorkdirLocked(f"work dir {str(workdir)!r} is locked or unwritable (see "
                                      "process 0's error)")
     return lock
+
+
+class StepBuild(NamedTuple):
+    """What a run steps with: optimizer, trainable groups, abstract state, layout, jitted step."""
+
+    tx: optax.GradientTransformation
+    keys: tuple[str, ...]
+    abstract: TrainState  # of ShapeDtypeStructs
+    part: Partitioning
+    step_fn: Callable
+
+
+def build_step(cfg, config: LlamaConfig, mesh, rules, params=None,
+               backend: str | None = None) -> StepBuild:
+    """The optimizer, abstract state, shardings and jitted train step of run `cfg` for the
+    model `config` on `mesh`: what `initial_state` trains with and `soft-jax compile`
+    compiles. `params` (arrays or shapes) default to the model's init shapes; `backend`
+    names the target whose defaults (the loss chunk) apply when it is not this host's."""
+    tx, schedule = make_optimizer(cfg)
+    if params is None:
+        params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
+    keys = trainable_keys(params, cfg.mode)
+    abstract = abstract_state(config, tx, keys, params)
+    part = make_partitioning(mesh, rules, abstract, cfg.batch_size, cfg.data.seq_len,
+                             param_axes(config))
+    step_fn = make_train_step(config, StepSettings.from_config(cfg, backend), tx, schedule,
+                              keys, part)
+    return StepBuild(tx, keys, abstract, part, step_fn)
+
+
+def abstract_batch(cfg, part: Partitioning) -> dict:
+    """One global batch as shapes: the keys and dtypes the data pipeline feeds the step,
+    with the batch sharding."""
+    empty = data_lib.pack_examples([], cfg.data.seq_len, pack=cfg.data.pack)
+    shape = (cfg.batch_size, cfg.data.seq_len)
+    return {k: jax.ShapeDtypeStruct(shape, v.dtype, sharding=part.batch)
+            for k, v in empty.items()}
 
 
 def setup(cfg) -> Run:

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from soft_jax.parallel import sharding as shd
-from soft_jax.train.chunked_loss import default_chunk_tokens
+from soft_jax.train.chunked_loss import chunk_positions, default_chunk_tokens
 from soft_jax.model.config import DTYPES, REMAT_SAVES, LlamaConfig
 from soft_jax.data.formats import pack_examples
 from soft_jax.model.layers import attention_impl
@@ -41,6 +41,8 @@ from soft_jax.train.loss import resolve_loss_impl
 from soft_jax.train.modes import train_exits, trainable_keys
 
 GiB = 2 ** 30
+# How far the estimate may be from the TPU compiler's figure (docs/tpu.md: SoFT / SFT steps)
+ESTIMATE_MARGIN = 0.10
 # what the trainer feeds a step: the arrays of a packed batch, bytes per token
 _EMPTY_BATCH = pack_examples([], 1, pack=True)
 BATCH_KEYS = {k: v.dtype.itemsize for k, v in _EMPTY_BATCH.items()}
@@ -168,6 +170,14 @@ class Activations:
         return (self.residual + qkv + 4 * n * self.d * cb + 4 * n * self.f_w * cb
                 + n * self.q_w * cb + self.scores)
 
+    @property
+    def layer_forward_set(self) -> int:
+        """What one layer's forward alone holds (a frozen body): q/k/v, the SwiGLU pair and
+        the attention logits in float32 with probabilities in the compute dtype."""
+        n, cb = self.n, self.itemsize
+        return (self.residual + n * (self.q_w + 2 * self.kv_w) * cb + 2 * n * self.f_w * cb
+                + self.scores * (4 + cb) // 8)
+
     def saved_per_layer(self, policy: str) -> int:
         """What the remat policy keeps of each layer: its input plus the tags it saves."""
         saved = REMAT_SAVES[policy]
@@ -175,14 +185,14 @@ class Activations:
             return self.layer_working_set
         return self.residual + sum(self.tag_bytes(t) for t in saved)
 
-    def loss_bytes(self, impl: str, n_exits: int, chunk: int, global_tokens: int) -> int:
-        """The multi-exit loss kept for the backward pass."""
+    def loss_bytes(self, impl: str, n_exits: int, chunk_tokens: int) -> int:
+        """The multi-exit loss kept for the backward pass (`chunk_tokens`: this device's
+        tokens of one chunk)."""
         if impl == "plain":  # float32 logits of each exit kept (and their gradient at the peak)
             return n_exits * self.n * self.v * 4 + self.n * self.v * 4
-        # one chunk of logits, softmax and d logits, the d hidden buffer and the float32
-        # head-gradient accumulator (soft_jax/chunked_loss.py)
-        return (3 * min(chunk, global_tokens) * self.v * 4 + n_exits * self.residual
-                + self.d * self.v * 4)
+        # one chunk of logits, softmax and d logits and the float32 head-gradient accumulator
+        # (soft_jax/chunked_loss.py; its d-hidden buffer is the exit buffer's gradient)
+        return 3 * chunk_tokens * self.v * 4 + self.d * self.v * 4
 
 
 def _activations(c: LlamaConfig, mesh: dict, rules, rows: int, seq: int,
@@ -223,24 +233,45 @@ def plan(config: LlamaConfig, mesh: dict, batch: int, seq: int, *, grad_accum: i
     attention = _attention(c, attention, backend)
     acts = _activations(c, mesh, rules, rows, seq, attention)
     e = len(train_exits(c, mode))
-    items = {**state_bytes(params, axes, mesh, rules, mode),
+    frozen_body = mode == "ict"  # no gradient flows through the layers: nothing is saved
+    state = state_bytes(params, axes, mesh, rules, mode)
+    items = {**state,
+             "grad_accumulator": state["grads"] if grad_accum > 1 else 0,
              "batch": sum(BATCH_KEYS.values()) * in_rows * seq,
-             "layers": c.num_layers * acts.saved_per_layer(c.remat_policy),
-             "exit_buffer": 2 * e * acts.residual}
-    global_tokens = micro * seq
+             "layers": 0 if frozen_body else c.num_layers * acts.saved_per_layer(c.remat_policy),
+             "exit_buffer": (1 if frozen_body else 2) * e * acts.residual,
+             "compute_copy": 0 if frozen_body else _compute_copy(c, params, axes, mesh, rules),
+             "embed_head": 0 if frozen_body else _embed_head_bytes(c, mesh, rules)}
     chunk = int(chunk_tokens or default_chunk_tokens(c.vocab_size, backend))
-    impl = resolve_loss_impl(loss_impl, e, global_tokens, chunk, c.vocab_size, backend)
-    items["loss"] = acts.loss_bytes(impl, e, chunk, global_tokens)
+    impl = resolve_loss_impl(loss_impl, e, micro * seq, chunk, c.vocab_size, backend)
+    items["loss"] = acts.loss_bytes(impl, e, rows * chunk_positions(chunk, micro, seq))
     # one layer's weights, all-gathered over fsdp (still split over tensor), compute dtype
     gathered = param_bytes({"layers": params["layers"]}, axes, mesh, _gathered_rules(rules))
     layer_params = gathered // c.num_layers // _nbytes(c.param_dtype) * acts.itemsize
-    transient = {"layer_recompute": acts.layer_working_set,
+    transient = {"layer_recompute": acts.layer_forward_set if frozen_body
+                 else acts.layer_working_set,
                  "fsdp_gather": 2 * layer_params if mesh["fsdp"] > 1 else layer_params}
     dp = mesh["data"] * mesh["fsdp"]
     return Plan(config=c, mesh=mesh, batch=batch, seq=seq, grad_accum=grad_accum, mode=mode,
                 rows_per_device=rows, batch_split=rows * dp == micro, loss_impl=impl,
                 chunk_tokens=chunk, attention=attention, items=items, transient=transient,
                 num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _compute_copy(c: LlamaConfig, params, axes, mesh: dict, rules) -> int:
+    """The layer stack cast to the compute dtype once per step, sharded like the params
+    (XLA hoists the cast out of the layer scan)."""
+    ratio = _nbytes(c.dtype) / _nbytes(c.param_dtype)
+    layers = param_bytes({"layers": params["layers"]}, axes, mesh, rules)
+    return int(layers * ratio) if ratio < 1 else 0
+
+
+def _embed_head_bytes(c: LlamaConfig, mesh: dict, rules) -> int:
+    """The embedding table gathered over fsdp for the lookup (param dtype) with its
+    full-size gradient before the reduce-scatter, and the LM head gathered in the compute
+    dtype for the loss."""
+    table = _per_device(("vocab", None), (c.vocab_size, c.hidden_size), mesh, rules, 1)
+    return table * (2 * _nbytes(c.param_dtype) + _nbytes(c.dtype))
 
 
 def _gathered_rules(rules):
@@ -278,7 +309,10 @@ def _gib(b) -> str:
     return f"{b / GiB:9.2f}"
 
 
-def format_plan(p: Plan, device_gib: float | None = None, usable: float = 0.9) -> str:
+def format_plan(p: Plan, device_gib: float | None = None, usable: float = 0.9,
+                margin: float = ESTIMATE_MARGIN, chip: str | None = None) -> str:
+    """The plan as a table; with `device_gib`, the verdict against usable x device_gib,
+    TIGHT where the estimate's own error (`margin`) could put it on either side."""
     c = p.config
     n_dev = math.prod(p.mesh.values())
     mesh = " x ".join(f"{a}={s}" for a, s in p.mesh.items() if s > 1) or "1 device"
@@ -302,13 +336,17 @@ def format_plan(p: Plan, device_gib: float | None = None, usable: float = 0.9) -
         "grads": "gradients",
         "optimizer": "AdamW mu + nu",
         "batch": "batch inputs",
+        "grad_accumulator": f"gradient accumulator (grad_accum {p.grad_accum})",
         "layers": f"saved activations ({c.num_layers} layers)",  # remat: in the header
         "exit_buffer": f"exit hidden states + grad ({len(exits)} exits)",
+        "compute_copy": f"layer weights in {c.dtype} (the step's cast)",
+        "embed_head": "embedding + LM head gathered (+ embedding grad)",
         "loss": f"loss ({p.loss_impl})",
     }
     lines.append(f"{'per device':<52}{'GiB':>9}")
     for k, b in p.items.items():
-        lines.append(f"  {label[k]:<50}{_gib(b)}")
+        if b or k not in ("grad_accumulator", "compute_copy", "embed_head"):
+            lines.append(f"  {label[k]:<50}{_gib(b)}")
     tl = {"layer_recompute": "peak transient: one layer's backward working set",
           "fsdp_gather": "peak transient: FSDP-gathered layer weights"}
     for k, b in p.transient.items():
@@ -316,9 +354,22 @@ def format_plan(p: Plan, device_gib: float | None = None, usable: float = 0.9) -
     lines.append(f"  {'total (kept + largest transient)':<50}{_gib(p.total)}")
     if device_gib:
         cap = device_gib * usable
-        verdict = "FITS" if p.total <= cap * GiB else "DOES NOT FIT"
-        lines.append(f"device {device_gib:g} GiB x {usable:.2f} usable = {cap:.1f} GiB: "
-                     f"{verdict} ({(cap * GiB - p.total) / GiB:+.1f} GiB headroom)")
-        lines.append("  (JAX on GPU preallocates 75% by default: set "
-                     f"XLA_PYTHON_CLIENT_MEM_FRACTION={usable:.2f} to use what is counted here)")
+        what = (f"TPU {chip}: {device_gib:g} GiB per chip as its compiler counts it"
+                if chip else f"device {device_gib:g} GiB x {usable:.2f} usable")
+        lines.append(f"{what} = {cap:.2f} GiB: {verdict(p.total / GiB, cap, margin)} "
+                     f"({cap - p.total / GiB:+.2f} GiB headroom)")
+        if not chip:
+            lines.append("  (JAX on GPU preallocates 75% by default: set XLA_PYTHON_CLIENT_"
+                         f"MEM_FRACTION={usable:.2f} to use what is counted here)")
     return "\n".join(lines)
+
+
+def verdict(total_gib: float, cap_gib: float, margin: float) -> str:
+    """FITS / DOES NOT FIT when the estimate is clear of the limit by its error `margin`
+    (a fraction), else TIGHT."""
+    if total_gib * (1 + margin) <= cap_gib:
+        return "FITS"
+    if total_gib > cap_gib * (1 + margin):
+        return "DOES NOT FIT"
+    return (f"TIGHT: within the estimate's +-{margin:.0%} of the limit (the TPU compiler "
+            "decides: soft-jax compile)")

@@ -260,6 +260,15 @@ def paper_recipe(task: str = "alpaca", mode: str = "soft") -> ml_collections.Con
     c.data.pack = False  # one example per row, as in the paper
     c.batch_size = 32
     c.grad_accum = 8
+    # ZeRO-3 over every device: a 13B state (208 GB in float32 with AdamW) fits no single
+    # accelerator. So set, the recipe launches as it is on a v5p-32 or v5p-64 (the TPU
+    # compiler's peak: 61.6 / 50.1 GiB of 95.7 per chip). Other slices need, from
+    # `soft-jax compile --fit` (docs/tpu.md): v5e-32 --config.model.remat_policy=
+    # save_qkv_out --config.grad_accum=1; v4-32 remat_policy=full grad_accum=1; v4-64
+    # remat_policy=save_dots grad_accum=1; v5e-256 --config.mesh.tensor=8 grad_accum=1. On
+    # 8 or more chips grad_accum=8 leaves micro-batches of 4 rows, replicated on every chip.
+    c.mesh.data = 1
+    c.mesh.fsdp = -1
     epochs = 1 if mode == "ict" else 2
     c.total_steps = epochs * -(-PAPER_EXAMPLES[task] // c.batch_size)
     c.checkpoint_every = 500

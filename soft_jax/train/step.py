@@ -17,6 +17,7 @@ import optax
 from flax import struct
 
 from soft_jax.parallel import sharding as shd
+from soft_jax.train.chunked_loss import default_chunk_tokens
 from soft_jax.model.config import LlamaConfig
 from soft_jax.train.loss import loss_fn
 from soft_jax.model.transformer import init_params
@@ -50,14 +51,16 @@ class StepSettings:
     loss_impl: str = "auto"
     chunk_tokens: int | None = None  # None: the backend's default chunk
     recipe: Recipe = Recipe()
+    backend: str | None = None  # whose defaults apply (None: jax's default backend)
 
     @classmethod
-    def from_config(cls, cfg) -> "StepSettings":
-        """The step settings of a training config (soft_jax/train/run_config.py)."""
+    def from_config(cls, cfg, backend: str | None = None) -> "StepSettings":
+        """The step settings of a training config (soft_jax/train/run_config.py), for `backend`
+        (default: the one this process runs on)."""
         return cls(mode=str(cfg.mode), seed=int(cfg.seed), grad_accum=int(cfg.grad_accum),
                    z_loss=float(cfg.loss.z_loss), loss_impl=str(cfg.loss.impl),
                    chunk_tokens=int(cfg.loss.chunk_tokens) or None,
-                   recipe=Recipe.from_config(cfg.loss))
+                   recipe=Recipe.from_config(cfg.loss), backend=backend)
 
 
 class Partitioning(NamedTuple):
@@ -112,6 +115,8 @@ def make_train_step(config: LlamaConfig, settings: StepSettings, tx, schedule,
     s = settings
     exits = train_exits(config, s.mode)
     accum = s.grad_accum
+    chunk = s.chunk_tokens or (default_chunk_tokens(config.vocab_size, s.backend)
+                               if s.backend else None)
 
     def loss_of(trainable, frozen, batch, rng, step):
         weights = step_weights(s.recipe, exits, step) if len(exits) > 1 else None
@@ -120,7 +125,7 @@ def make_train_step(config: LlamaConfig, settings: StepSettings, tx, schedule,
             weights = jax.nn.one_hot(idx, len(exits))
         keep = layer_keep(s.recipe, rng, config.num_layers, batch["input_ids"].shape[0])
         loss, metrics = loss_fn(config, {**frozen, **trainable}, batch, exits, z_loss=s.z_loss,
-                                impl=s.loss_impl, chunk_tokens=s.chunk_tokens, weights=weights,
+                                impl=s.loss_impl, chunk_tokens=chunk, weights=weights,
                                 distill=s.recipe.distill if len(exits) > 1 else 0.0,
                                 keep=keep)
         if s.mode == "sortednet":

@@ -4,4 +4,6 @@
 - `tables`: the Markdown table every report writes (`markdown_table`).
 - `plot`: the per-exit line figures (`per_exit_figure`).
 - `config_file`: `load_config_file(path)` of an ml_collections `.py` config.
+- `platforms`: jax's platform list decided before its backends start (no TPU probing on a
+  host without TPU chips), and the environment of a compile-only TPU process.
 """
