@@ -8,7 +8,6 @@ import numpy as np
 import optax
 import pytest
 
-import soft_jax as sj
 from soft_jax.train.loss import chunked_exit_loss_from_hidden, exit_loss_from_hidden, loss_fn
 from soft_jax.train.recipes import (Recipe, dropout_rates, layer_keep, static_weights,
                                     step_weights)

@@ -30,3 +30,9 @@ def stage_path(run: Path, kind: str, name: str, task: str = "") -> Path:
     """Where a stage's result JSON lives (its presence marks the stage complete)."""
     return {"train": run / name / "done.json", "decode": run / "decode" / f"{name}.json",
             "eval": run / "eval" / name / f"{task}.json"}[kind]
+
+# the recipe study: run name -> (mode, recipe); "soft" is the paper's equal mean
+STUDY_RUNS = {"sft": ("sft", "paper"), "soft": ("soft", "paper"),
+              "last_boost": ("soft", "last_boost"), "distill": ("soft", "distill"),
+              "layerskip": ("soft", "layerskip"), "depth": ("soft", "depth")}
+STUDY_TASKS = ("loss", "sortedness", "decoding")

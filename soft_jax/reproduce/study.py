@@ -12,15 +12,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from soft_jax.reproduce.plan import EXITS, SIZES, stage_path
+from soft_jax.reproduce.plan import EXITS, SIZES, STUDY_RUNS as RUNS, STUDY_TASKS as TASKS, stage_path
+from soft_jax.reproduce.study_report import write_study_report
 from soft_jax.reproduce.stages import (cached, convert_stage, default_gguf, eval_stage, log,
                                        train_stage)
 
-# run name -> (mode, recipe); "soft" is the paper's equal mean
-RUNS = {"sft": ("sft", "paper"), "soft": ("soft", "paper"),
-        "last_boost": ("soft", "last_boost"), "distill": ("soft", "distill"),
-        "layerskip": ("soft", "layerskip"), "depth": ("soft", "depth")}
-TASKS = ("loss", "sortedness", "decoding")
 LONG = 4  # the budget multiple of the second round
 LONG_RUNS = 3  # `paper` and the two best recipes
 TARGETS = {"last_loss": 0.90, "exit_loss_ratio": 1.05,
@@ -80,7 +76,6 @@ def long_choice(run: Path, first: dict) -> list[str]:
 def run_study(run: Path, gguf: str | None = None, names: str = "", long: bool = True) -> dict:
     """Run (or resume) the study in `run`; `names` (comma list) keeps only those runs of the
     first round, in that order, `long=False` skips the 4x round. Writes run/study.json and the report."""
-    from soft_jax.reproduce.study_report import write_study_report
 
     run = Path(run).absolute()
     run.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from soft_jax.reproduce.plan import EXITS
+from soft_jax.reproduce.plan import EXITS, STUDY_RUNS as RUNS, STUDY_TASKS as TASKS
 from soft_jax.utils.plot import line_figure
 from soft_jax.utils.tables import markdown_table
 
@@ -141,7 +141,6 @@ def training_section(run: Path) -> list[str]:
     only signal of a run whose held-out stages are not done."""
     import json
 
-    from soft_jax.reproduce.study import RUNS
 
     last = {}
     for n in RUNS:
@@ -160,7 +159,6 @@ def training_section(run: Path) -> list[str]:
 
 def pending(run: Path, results: dict) -> list[str]:
     """The runs / stages not done yet."""
-    from soft_jax.reproduce.study import RUNS, TASKS
 
     out = []
     for key in ("first", "long"):
