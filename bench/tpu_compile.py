@@ -58,10 +58,12 @@ def model_flags(model: str, mode: str) -> list[str]:
 
 
 def row_key(model, topology, mode, remat, accum) -> str:
+    """The store's key of one compiled step."""
     return f"{model}|{topology}|{mode}|{remat}|{accum}"
 
 
 def key_of(row: dict, model: str) -> str:
+    """The store's key of a compiled row."""
     return row_key(model, row["topology"], row["mode"], row["remat"], row["grad_accum"])
 
 
@@ -77,6 +79,7 @@ class Store:
         self.versions: dict = data.get("versions") or versions()
 
     def save(self) -> None:
+        """Write the store (a temporary file, then renamed)."""
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"versions": self.versions, "rows": self.rows,
                                    "fits": self.fits, "decode": self.decode}, indent=1))
@@ -84,6 +87,7 @@ class Store:
 
 
 def versions() -> dict:
+    """The jax and libtpu versions the figures come from."""
     from importlib.metadata import version
 
     return {"jax": version("jax"), "libtpu": version("libtpu")}
@@ -101,6 +105,7 @@ def compile_cli(args: list[str]) -> tuple[int, list[dict], str]:
 
 
 def log(msg: str) -> None:
+    """A timestamped progress line."""
     print(time.strftime("%H:%M:%S"), msg, flush=True)
 
 
@@ -174,6 +179,7 @@ def table_jobs(store: Store, model: str, topology: str) -> None:
 
 
 def planner_topologies(model: str) -> tuple[str, ...]:
+    """The slices of the planner comparison (70B: a v5e slice its state fits)."""
     return ("v5e-256" if model == "llama2-70b" else "v5e-32", "v4-64", "v5p-64")
 
 
@@ -273,6 +279,7 @@ def planner_report(store: Store) -> list[str]:
 
 
 def decode_report(store: Store) -> list[str]:
+    """The generation rows as a table."""
     out = ["| model / slice / weights | program | weights GiB | KV cache GiB | temporaries | "
            "peak | held | fits |", "|---|---|---|---|---|---|---|---|"]
     for key, rows in store.decode.items():
@@ -303,6 +310,7 @@ def report(store: Store) -> str:
 
 
 def main(argv=None) -> None:
+    """Run the stages (or --report); see the module docstring."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rows", default=str(ROOT / "docs" / "tpu_rows.json"))
     ap.add_argument("--only", choices=tuple(STAGES), action="append")

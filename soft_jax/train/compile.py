@@ -69,18 +69,22 @@ class Topology:
 
     @property
     def chips(self) -> int:
+        """Chips in the slice."""
         return math.prod(self.grid)
 
     @property
     def name(self) -> str:
+        """Our name of the slice, e.g. v5e-32 or v4-32 (v4 / v5p: cores)."""
         return f"{self.family.name}-{self.chips * self.family.cores_per_chip}"
 
     @property
     def compiler_name(self) -> str:
+        """The compiler's topology name, e.g. v5e:4x8."""
         return f"{self.family.prefix}:{'x'.join(map(str, self.grid))}"
 
     @property
     def accelerator_type(self) -> str:
+        """The gcloud accelerator type, e.g. v5litepod-32."""
         return f"{self.family.gcloud}-{self.chips * self.family.cores_per_chip}"
 
 
@@ -307,11 +311,13 @@ class Target:
 
     @classmethod
     def of(cls, name: str, slices: int = 1) -> "Target":
+        """The target of a slice name: its devices and the compiler's HBM per chip."""
         topo = parse_topology(name)
         devices = tpu_devices(topo, slices)
         return cls(topo, slices, devices, compiler_hbmgib_of(devices[0], topo.family.hbm_gib))
 
     def report(self, mode: str, figures: dict, **details) -> Report:
+        """A Report of compiled `figures` on this target."""
         return Report(mode=mode, topology=self.topo.name, slices=self.slices,
                       chips=len(self.devices), hbm_gib=self.hbm_gib, **figures,
                       details=details)
