@@ -152,7 +152,7 @@ def run_row(store: Store, model: str, topology: str, mode: str, remat: str, accu
 
 def run_decode(store: Store, model: str, topology: str, tensor: int, split: bool) -> None:
     """Greedy and self-speculative decoding in bf16 with 2048 cache slots."""
-    key = f"{model}|{topology}|tensor{tensor}|{'split' if split else 'stacked'}"
+    key = decode_key(model, topology, tensor, split)
     if key in store.decode:
         return
     log(f"decode {key}")
@@ -183,13 +183,21 @@ def planner_topologies(model: str) -> tuple[str, ...]:
     return ("v5e-256" if model == "llama2-70b" else "v5e-32", "v4-64", "v5p-64")
 
 
+# (model, slice, tensor-parallel chips, per-layer copy): greedy and speculative decoding
+DECODE_JOBS = (("llama2-7b", "v5e-1", 1, False), ("llama2-7b", "v5e-1", 1, True),
+               ("llama2-7b", "v5e-4", 2, False))
+
+
+def decode_key(model: str, topology: str, tensor: int, split: bool) -> str:
+    """The store's key of one decoding job."""
+    return f"{model}|{topology}|tensor{tensor}|{'split' if split else 'stacked'}"
+
+
 STAGES = {
     "fit-13b": lambda s: [table_jobs(s, "llama2-13b", t) for t in ("v5e-32", "v4-32")],
     "paper-as-is": lambda s: [run_row(s, "llama2-13b", t, "soft", "save_dots", 8)
                               for t in ("v5p-32", "v5p-64")],
-    "decode": lambda s: [run_decode(s, "llama2-7b", "v5e-1", 1, split)
-                         for split in (False, True)] + [run_decode(s, "llama2-7b", "v5e-4", 2,
-                                                                   False)],
+    "decode": lambda s: [run_decode(s, *job) for job in DECODE_JOBS],
     "planner-13b": lambda s: planner_rows(s, "llama2-13b", "v5e-32"),
     "table": lambda s: [table_jobs(s, m, t) for m in MODELS for t in TABLE_TOPOLOGIES],
     "planner": lambda s: [planner_rows(s, m, t) for m in ("llama2-7b", "llama2-13b", "llama2-70b")
@@ -298,6 +306,8 @@ def pending(store: Store) -> list[str]:
     todo += [f"row {row_key(m, t, mode, r, 1)}" for m in ("llama2-7b", "llama2-13b", "llama2-70b")
              for t in planner_topologies(m) for r in PLANNER_POLICIES
              for mode in ("sft", "soft", "ict") if row_key(m, t, mode, r, 1) not in store.rows]
+    todo += [f"decode {decode_key(*job)}" for job in DECODE_JOBS
+             if decode_key(*job) not in store.decode]
     return todo
 
 

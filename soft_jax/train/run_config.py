@@ -265,8 +265,9 @@ def paper_recipe(task: str = "alpaca", mode: str = "soft") -> ml_collections.Con
     # compiler's peak: 61.6 / 50.1 GiB of 95.7 per chip). Other slices need, from
     # `soft-jax compile --fit` (docs/tpu.md): v5e-32 --config.model.remat_policy=
     # save_qkv_out --config.grad_accum=1; v4-32 remat_policy=full grad_accum=1; v4-64
-    # remat_policy=save_dots grad_accum=1; v5e-256 --config.mesh.tensor=8 grad_accum=1. On
-    # 8 or more chips grad_accum=8 leaves micro-batches of 4 rows, replicated on every chip.
+    # remat_policy=save_dots grad_accum=1; v6e-64 --config.mesh.tensor=2 remat_policy=
+    # save_dots grad_accum=1; v5e-256 --config.mesh.tensor=8 remat_policy=none grad_accum=1.
+    # On 8 or more chips grad_accum=8 leaves micro-batches of 4 rows, replicated on each chip.
     c.mesh.data = 1
     c.mesh.fsdp = -1
     epochs = 1 if mode == "ict" else 2
