@@ -167,7 +167,13 @@ def prompt_ids_for(tokenizer, text: str, chat: bool) -> list[int]:
 def template_segments(tokenizer, messages: list[dict]) -> Segments:
     """Segments of the rendered conversation: each assistant turn as rendered by the template
     (content and end-of-turn marker) is a target, everything else (roles, system prompt,
-    user turns) is not."""
+    user turns) is not.
+
+    Turns are cut where the template renders incrementally (prompt of turn i = rendering of
+    the turns before it plus the generation prompt). Templates that rewrite earlier turns
+    (Qwen3 drops the empty think block from past turns, Mistral moves the system prompt into
+    the last user turn) are cut by finding each assistant content in the one full rendering.
+    """
     segs: Segments = []
     done = ""
     for i, m in enumerate(messages):
@@ -176,10 +182,41 @@ def template_segments(tokenizer, messages: list[dict]) -> Segments:
         prefix = chat_prompt(tokenizer, messages[:i])
         full = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False)
         if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise DataError("the tokenizer's chat template does not render conversations "
-                            "incrementally; use data.template='plain'")
+            return _located_segments(tokenizer, messages)
         segs += [(prefix[len(done):], False), (full[len(prefix):], True)]
         done = full
+    return segs
+
+
+_PROBE = "\x00soft_jax-probe\x00"
+
+
+def _located_segments(tokenizer, messages: list[dict]) -> Segments:
+    """Segments cut by locating each assistant content (and the template's end-of-turn text,
+    read off a probe conversation) in the full rendering, in order."""
+    probe = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": _PROBE}],
+        tokenize=False)
+    end_of_turn = probe.split(_PROBE, 1)[1] if _PROBE in probe else ""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    segs: Segments = []
+    cursor = 0
+    for m in messages:
+        if m["role"] != "assistant":
+            continue
+        content = m["content"].strip()
+        at = full.find(content, cursor) if content else -1
+        if at < 0:
+            raise DataError("the tokenizer's chat template neither renders conversations "
+                            "incrementally nor keeps each assistant turn's text; use "
+                            "data.template='plain'")
+        end = at + len(content)
+        if end_of_turn and full.startswith(end_of_turn, end):
+            end += len(end_of_turn)
+        segs += [(full[cursor:at], False), (full[at:end], True)]
+        cursor = end
+    if cursor < len(full):
+        segs.append((full[cursor:], False))
     return segs
 
 
