@@ -63,7 +63,7 @@ def build_parser():
     a.add_argument("--out", required=True)
     a.add_argument("--dtype", default="float32", choices=["auto", *DTYPES])
     a.add_argument("--exits", default=None, help="comma-separated exits to record, e.g. 8,12,16")
-    g = sub.add_parser("from-gguf", help="LLaMA GGUF (dequantised) -> checkpoint / HF folder")
+    g = sub.add_parser("from-gguf", help="GGUF of a supported family (dequantised) -> checkpoint / HF folder")
     g.add_argument("--gguf", required=True)
     g.add_argument("--out", default=None, help="soft_jax checkpoint folder")
     g.add_argument("--hf-out", default=None, help="plain HF folder of the model's own class")

@@ -13,8 +13,8 @@ GGUF_PACKAGES = ("gguf", "accelerate")
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-def gguf_architecture(path) -> str:
-    """The `general.architecture` of a GGUF file (e.g. "llama"), read from its header."""
+def gguf_fields(path, *keys: str) -> dict:
+    """The header fields `keys` of a GGUF file (None where absent)."""
     _require_gguf_packages()
     import gguf
 
@@ -22,12 +22,19 @@ def gguf_architecture(path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
     try:
-        field = gguf.GGUFReader(str(path)).get_field("general.architecture")
+        reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError) as e:
         raise ConversionError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
-    if field is None:
+    fields = {k: reader.get_field(k) for k in keys}
+    return {k: None if f is None else f.contents() for k, f in fields.items()}
+
+
+def gguf_architecture(path) -> str:
+    """The `general.architecture` of a GGUF file (e.g. "llama"), read from its header."""
+    arch = gguf_fields(path, "general.architecture")["general.architecture"]
+    if arch is None:
         raise ConversionError(f"GGUF file {str(path)!r} has no general.architecture field")
-    return str(field.contents())
+    return str(arch)
 
 
 def _require_gguf_packages() -> None:
@@ -49,10 +56,16 @@ def hf_from_gguf(gguf_file, out) -> Path:
         raise ConversionError(f"GGUF file {str(path)!r} has architecture {arch!r} "
                               f"(general.architecture); supported: {GGUF_ARCHITECTURES}")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
+    config = AutoConfig.from_pretrained(str(path.parent), **kw)
+    # transformers reads no head_dim from qwen3 GGUFs; a decoupled one is in key_length
+    key_length = gguf_fields(path, f"{arch}.attention.key_length")[f"{arch}.attention.key_length"]
+    if key_length and hasattr(config, "head_dim"):
+        config.head_dim = int(key_length)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), config=config,
+                                                  dtype=torch.float32, **kw)
     hf_cfg = loaded.config.to_dict()
     hf_cfg.pop("quantization_config", None)
     plain = type(loaded)(type(loaded.config).from_dict(hf_cfg)).to(torch.float32)
