@@ -1,5 +1,5 @@
-"""The TPU compiler's figures for docs/tpu.md: LLaMA-2 7B / 13B / 70B and a Llama-3-8B-shaped
-model (llama3.1-8b) x TPU slices x SFT / SoFT / ICT, the paper recipe's `--fit` flags per slice, the
+"""The TPU compiler's figures for docs/tpu.md: LLaMA-2 7B / 13B / 70B, Llama-3.1-8B and
+Qwen3-8B x TPU slices x SFT / SoFT / ICT, the paper recipe's `--fit` flags per slice, the
 planner-comparison grid and the decoding programs.
 
     nohup .venv/bin/python bench/tpu_compile.py > bench_tpu.log 2>&1 &
@@ -29,6 +29,7 @@ MODELS = {  # 8 exits each
     "llama2-7b": (4, 8, 12, 16, 20, 24, 28, 32),
     "llama3.1-8b": (4, 8, 12, 16, 20, 24, 28, 32),
     "llama2-70b": (24, 32, 40, 48, 56, 64, 72, 80),
+    "qwen3-8b": (11, 14, 18, 22, 25, 29, 32, 36),  # its preset's: from 30% depth, every 10%
 }
 TABLE_TOPOLOGIES = ("v5e-32", "v4-64", "v5p-64", "v6e-64", "v5e-256")
 PLANNER_POLICIES = ("save_dots", "save_qkv_out", "full")

@@ -139,8 +139,12 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, 1)
             cache = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
+        window = self.config.sliding_window
+        # unmasked calls keep the fused kernel: the window is its local_window_size
+        # (HF's kv_idx > q_idx - window: window - 1 keys back, none ahead)
+        local = (window - 1, 0) if mask is None and window is not None else None
         out = jax.nn.dot_product_attention(
-            q, k, v, mask=mask, is_causal=mask is None,
+            q, k, v, mask=mask, is_causal=mask is None, local_window_size=local,
             implementation=attention_impl(self.config, mask is not None, q.dtype))
         return checkpoint_name(self.o_proj(out), "attn_out"), cache
 

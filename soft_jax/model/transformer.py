@@ -196,8 +196,6 @@ def exit_hidden_states(config: LlamaConfig, params: Params, input_ids: Array,
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_tables(config, positions)
-    if segment_ids is None and config.sliding_window is not None:
-        segment_ids = jnp.ones((b, t), jnp.int32)
     mask = None if segment_ids is None else attention_mask(segment_ids, config.sliding_window)
     return run_stack(config, params["layers"], embed(config, params, input_ids), cos, sin, mask,
                      exits, keep)
