@@ -34,6 +34,7 @@ def test_decoding_task_rows_and_outputs(tmp_path):
         if r["mode"] == "speculative":
             assert r["identical_to_greedy"] and 0 <= r["rejection_ratio"] <= 1
     assert res["rows"][0]["speedup"] == 1.0 and res["rows"][0]["identical_to_greedy"]
+    assert res["baseline_drift"] == res["baseline_ms_per_token_last"] / res["baseline_ms_per_token"]
     assert set(res["acceptance"]) == {"2", "3"}
     out = tmp_path / "out"
     saved = json.loads((out / "results.json").read_text())["decoding"]["rows"]

@@ -62,7 +62,8 @@ def _decoding(acc: float) -> dict:
               "acceptance": acc, "rejection_ratio": 1 - acc, "speedup": 0.8} for d in R.EXITS[:-1]]
     rows += [{**rows[0], "mode": "dynamic", "exit": "9:30", "thresholds": t, "label": f"dynamic {t}",
               "mean_exit_layer": 25.0} for t in ("paper", "0.5")]
-    return {"prompts": 2, "max_new_tokens": 8, "rows": rows,
+    return {"prompts": 2, "max_new_tokens": 8, "rows": rows, "baseline_ms_per_token": 10.0,
+            "baseline_ms_per_token_last": 13.0, "baseline_drift": 1.3,
             "acceptance": {str(d): acc for d in R.EXITS[:-1]}}
 
 
@@ -83,6 +84,7 @@ def test_study_report_tables_targets_and_projection(tmp_path):
     text = write_study_report(tmp_path, results).read_text()
     assert "| 24 |" in text and "**projected**" in text and "first round sft: train" in text
     assert "acceptance at draft 27 0.60 vs >= 0.60: met" in text
+    assert "| full greedy, first / last timing | 10.0 / 13.0 ms (1.30x) |" in text
     assert "last-layer loss 1.000 vs <= 0.90: missed by 0.100" in text
     assert "distill step 20" in text and "| 30 | 1.500 |" in text
     # a = 0: one token per cycle for a draft plus a verify pass, 1.01 full-model reads

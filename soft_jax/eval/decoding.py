@@ -41,6 +41,9 @@ def quality(fmt: str, texts: list[str], rows: list[dict], refs: list[str]) -> di
     return {**out, "quality": sum(ok) / len(ok), "correct": int(sum(ok)), "total": len(ok)}
 
 
+DRIFT_WARN = 0.10  # the baseline timed first and last differing by more: a loaded machine
+
+
 def timed(config, params, prompts: list[list[int]], n_new: int, **kw) -> tuple[list, dict]:
     """Tokens per prompt and summed stats of soft_jax.generate, after an untimed pass over
     the same prompts (compiles every shape the timed pass meets, adaptive draft lengths
@@ -113,9 +116,17 @@ def task_decoding(cfg, model: LoadedModel, exits, out: Path, ctx: dict) -> dict:
         log(f"decoding {label}: {row['ms_per_token']:.1f} ms/token, {row['speedup']:.2f}x, "
             f"{row['metric']} {row['quality']:.3f}"
             + (f", rejection {row['rejection_ratio']:.2f}" if drafted else ""))
+    # the baseline again, last: ratios taken across minutes mean little if the load changed
+    _, end = timed(config, model.params, prompts, c.max_new_tokens)
+    drift = end["ms_per_token"] / base
+    if abs(drift - 1) > DRIFT_WARN:
+        log(f"warning: full greedy took {base:.1f} ms/token first and {end['ms_per_token']:.1f} "
+            f"last ({drift:.2f}x): the machine's load changed, so the speedups are unreliable")
     decoding_figure(out / "decoding.png", table, model.name)
     return {"source": c.source, "format": c.format, "prompts": len(prompts),
-            "max_new_tokens": c.max_new_tokens, "baseline_ms_per_token": base, "rows": table,
+            "max_new_tokens": c.max_new_tokens, "baseline_ms_per_token": base,
+            "baseline_ms_per_token_last": end["ms_per_token"], "baseline_drift": drift,
+            "rows": table,
             "acceptance": {str(r["draft_exit"]): r["acceptance"] for r in table
                            if r["mode"] == "speculative"}}
 

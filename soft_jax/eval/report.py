@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from soft_jax.eval.decoding import DRIFT_WARN
 from soft_jax.utils.plot import line_figure, pyplot
 from soft_jax.utils.tables import markdown_table
 
@@ -269,6 +270,16 @@ def decoding_table(rows: list[dict]) -> str:
         for r in rows])
 
 
+def _drift_note(r: dict) -> str:
+    """How far the baseline timed last moved from the one timed first (older results: none)."""
+    if "baseline_drift" not in r:
+        return ""
+    return (f" Full greedy timed again after every row: {r['baseline_ms_per_token_last']:.1f} "
+            f"ms/token ({r['baseline_drift']:.2f}x the first"
+            + ("; the load changed, so read the speedups as unreliable)" if
+               abs(r["baseline_drift"] - 1) > DRIFT_WARN else ")") + ".")
+
+
 def decoding_section(r: dict, exits, name: str, out: Path) -> list[str]:
     """The decoding speed table (greedy / speculative / dynamic) and its figure."""
     return ["## Decoding speed (greedy, batch 1)", "",
@@ -276,7 +287,7 @@ def decoding_section(r: dict, exits, name: str, out: Path) -> list[str]:
             f"{r['max_new_tokens']} new tokens; speedup = full-model greedy ms/token "
             f"({r['baseline_ms_per_token']:.1f}, same process) / the row's; dynamic rows "
             "\"a:L\" exit between layer a and L at the given thresholds (paper = the paper's, "
-            "mapped by relative depth).", "",
+            "mapped by relative depth)." + _drift_note(r), "",
             decoding_table(r["rows"]), "", "![decoding](decoding.png)", ""]
 
 

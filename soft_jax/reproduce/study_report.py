@@ -56,6 +56,14 @@ def _accept(res: dict, d: int) -> float | None:
     return res.get("decoding", {}).get("acceptance", {}).get(str(d))
 
 
+def _baseline(dec: dict) -> str:
+    """Full greedy ms/token timed first and last in one decoding run, and their ratio."""
+    if "baseline_drift" not in dec:
+        return f"{dec['baseline_ms_per_token']:.1f} ms / not timed again"
+    return (f"{dec['baseline_ms_per_token']:.1f} / {dec['baseline_ms_per_token_last']:.1f} ms "
+            f"({dec['baseline_drift']:.2f}x)")
+
+
 def _f(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -115,8 +123,12 @@ def round_section(results: dict, title: str, figs: Path, tag: str) -> list[str]:
                                for x in [next(y for y in runs[n]["decoding"]["rows"]
                                               if y["label"] == r["label"]) for n in dec]]]
                 for r in runs[dec[0]]["decoding"]["rows"] if r["mode"] == "dynamic"]
-        md += ["Dynamic exit: ms/token, speedup against full greedy (same process):", "",
-               markdown_table(["setting"] + dec, rows, "---:"), ""]
+        rows.append(["full greedy, first / last timing", *[
+            _baseline(runs[n]["decoding"]) for n in dec]])
+        md += ["Dynamic exit: ms/token, speedup against full greedy (same process); the last "
+               "row is the baseline timed before and after every other row (a ratio far from "
+               "1 means the machine's load changed and the speedups of that run are "
+               "unreliable):", "", markdown_table(["setting"] + dec, rows, "---:"), ""]
         line_figure(figs / f"study_acceptance_{tag}.png", EXITS[:-1],
                     {n: [_accept(runs[n], d) for d in EXITS[:-1]] for n in dec},
                     "greedy draft acceptance", f"{title}: draft acceptance", ylim=(0, 1))
