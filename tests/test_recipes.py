@@ -73,6 +73,7 @@ def test_distill_teacher_gets_no_gradient_from_the_kl():
     ("paper", None),
     ("depth", [1, 2, 3, 4]),
     ("last_boost", [1, 1, 1, 3]),
+    ("last_boost_distill", [1, 1, 1, 3]),
     ("layerskip", [1, 3, 6, 10]),
 ])
 def test_recipe_weights(name, expect):
@@ -148,6 +149,10 @@ def test_default_recipe_step_is_the_paper_loss_and_recipes_run_in_the_step():
     distill = _step_metrics(cfg, Recipe("distill"), batch, jax.tree.map(jnp.copy, params))
     assert np.isfinite(skip["loss"]) and "kl/exit_1" in distill
     assert distill["kl/exit_1"] > 0 and distill["loss"] == paper["loss"]  # "loss": CE mean
+    boost = _step_metrics(cfg, Recipe("last_boost"), batch, jax.tree.map(jnp.copy, params))
+    both = _step_metrics(cfg, Recipe("last_boost_distill"), batch, jax.tree.map(jnp.copy, params))
+    assert both["loss"] == boost["loss"] != paper["loss"]  # last_boost's weighted CE
+    assert both["kl/exit_1"] == distill["kl/exit_1"]  # and distill's KL term
 
 
 def test_bad_recipe_fields_are_named():

@@ -34,5 +34,6 @@ def stage_path(run: Path, kind: str, name: str, task: str = "") -> Path:
 # the recipe study: run name -> (mode, recipe); "soft" is the paper's equal mean
 STUDY_RUNS = {"sft": ("sft", "paper"), "soft": ("soft", "paper"),
               "last_boost": ("soft", "last_boost"), "distill": ("soft", "distill"),
-              "layerskip": ("soft", "layerskip"), "depth": ("soft", "depth")}
+              "layerskip": ("soft", "layerskip"), "depth": ("soft", "depth"),
+              "last_boost_distill": ("soft", "last_boost_distill")}
 STUDY_TASKS = ("loss", "sortedness", "decoding")

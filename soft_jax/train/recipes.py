@@ -6,6 +6,7 @@
   the last layer carries half the loss, as SFT's layer would with a same-sized other half).
 * ``distill``: equal weights plus `distill_weight` x KL(p_last || p_e) per exit, the last
   layer's distribution a stop-gradient teacher (what greedy draft acceptance measures).
+* ``last_boost_distill``: both: `last_boost`'s weights, and the KL term weighted by them.
 * ``layerskip``: LayerSkip (Elhoushi et al. 2024): layer dropout at rate
   p_max * (2^(l / (L - 1)) - 1) for 0-based layer l (0 at the first layer, p_max at the
   last), per sequence, only in training; exit weights rising with depth, sum_{i<=e} i
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-RECIPES = ("paper", "depth", "last_boost", "distill", "layerskip")
+RECIPES = ("paper", "depth", "last_boost", "distill", "last_boost_distill", "layerskip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +45,8 @@ class Recipe:
 
     @property
     def distill(self) -> float:
-        """The KL factor of the loss (0 unless `distill`)."""
-        return self.distill_weight if self.name == "distill" else 0.0
+        """The KL factor of the loss (0 unless a distilling recipe)."""
+        return self.distill_weight if self.name in ("distill", "last_boost_distill") else 0.0
 
 
 def check_recipe(loss_cfg) -> None:
@@ -68,7 +69,7 @@ def static_weights(recipe: Recipe, exits: tuple[int, ...]) -> np.ndarray | None:
     e = np.asarray(exits, np.float32)
     if recipe.name == "depth":
         return e
-    if recipe.name == "last_boost":
+    if recipe.name in ("last_boost", "last_boost_distill"):
         w = np.ones_like(e)
         w[-1] = recipe.last_weight or max(1, len(exits) - 1)
         return w

@@ -84,10 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.chunk_tokens = 0  # tokens per chunk of the chunked loss; 0 = backend default
     c.loss.z_loss = 0.0
     # Exit-loss recipe (soft_jax/train/recipes.py): paper | depth | last_boost | distill |
-    # layerskip; the other fields are read only by the recipe they name.
+    # last_boost_distill | layerskip; the other fields are read only by the recipes they name.
     c.loss.recipe = "paper"
-    c.loss.last_weight = 0.0  # last_boost: the last layer's weight (others 1); 0 = |E| - 1
-    c.loss.distill_weight = 1.0  # distill: factor of KL(p_last || p_exit)
+    c.loss.last_weight = 0.0  # last_boost(_distill): the last layer's weight (others 1); 0 = |E| - 1
+    c.loss.distill_weight = 1.0  # (last_boost_)distill: factor of KL(p_last || p_exit)
     c.loss.layer_dropout = 0.2  # layerskip: skip rate at the last layer (0 at the first)
     c.loss.curriculum_period = 2  # layerskip: rotational curriculum period R (1 = off)
 
