@@ -96,6 +96,7 @@ def round_section(results: dict, title: str, figs: Path, tag: str) -> list[str]:
         return [f"## {title}", "", "No stage of this round is done yet.", ""]
     names = list(runs)
     md = [f"## {title}", ""]
+    short = title.split(" (")[0]  # figure titles must fit the figure
     rows = [[e] + [f"{_f(_loss(runs[n], e))} / {_f(_acc(runs[n], e))} / {_f(_kl(runs[n], e), 2)}"
                    for n in names] + [f"{DOC_PAPER['loss'][e]:.3f}"] for e in EXITS]
     md += ["Held-out loss / next-token accuracy / KL(p_last || p_exit) per exit ('-': stage "
@@ -131,13 +132,14 @@ def round_section(results: dict, title: str, figs: Path, tag: str) -> list[str]:
                "unreliable):", "", markdown_table(["setting"] + dec, rows, "---:"), ""]
         line_figure(figs / f"study_acceptance_{tag}.png", EXITS[:-1],
                     {n: [_accept(runs[n], d) for d in EXITS[:-1]] for n in dec},
-                    "greedy draft acceptance", f"{title}: draft acceptance", ylim=(0, 1))
+                    "greedy draft acceptance", f"{short}: draft acceptance", ylim=(0, 1))
         md += [f"![acceptance](figures/study_acceptance_{tag}.png)", ""]
     have = [n for n in names if _loss(runs[n], EXITS[-1]) is not None]
     if have:
         line_figure(figs / f"study_loss_{tag}.png", EXITS,
                     {n: [_loss(runs[n], e) for e in EXITS] for n in have},
-                    "held-out loss (nats/token)", f"{title}: held-out loss per exit")
+                    "held-out loss (nats/token, log scale)", f"{short}: held-out loss",
+                    log_y=True)  # SFT's early exits are ~10x the others
         md += [f"![held-out loss](figures/study_loss_{tag}.png)", ""]
     paper = {e: _loss(runs["soft"], e) for e in EXITS} if "soft" in runs and \
         _loss(runs["soft"], 15) is not None else DOC_PAPER["loss"]

@@ -16,8 +16,8 @@ def pyplot():
 
 
 def line_figure(path: Path, exits, series: dict[str, list[float]], ylabel: str, title: str,
-                ylim=None) -> Path:
-    """One line per series over the exits (x: exit layer count)."""
+                ylim=None, log_y: bool = False) -> Path:
+    """One line per series over the exits (x: exit layer count); `log_y`: a log y axis."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, ys in series.items():
@@ -28,7 +28,9 @@ def line_figure(path: Path, exits, series: dict[str, list[float]], ylabel: str, 
     ax.set_xticks(list(exits))
     if ylim is not None:
         ax.set_ylim(*ylim)
-    ax.grid(alpha=0.3)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
     if len(series) > 1:
         ax.legend()
     fig.tight_layout()
