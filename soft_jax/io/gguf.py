@@ -13,25 +13,28 @@ GGUF_PACKAGES = ("gguf", "accelerate")
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
-def gguf_fields(path, *keys: str) -> dict:
-    """The header fields `keys` of a GGUF file (None where absent)."""
+def _reader(path: Path):
+    """The parsed header of a GGUF file (its tensors stay memory-mapped, unread)."""
     _require_gguf_packages()
     import gguf
 
-    path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except (ValueError, OSError) as e:
         raise ConversionError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
-    fields = {k: reader.get_field(k) for k in keys}
-    return {k: None if f is None else f.contents() for k, f in fields.items()}
 
 
-def gguf_architecture(path) -> str:
-    """The `general.architecture` of a GGUF file (e.g. "llama"), read from its header."""
-    arch = gguf_fields(path, "general.architecture")["general.architecture"]
+def _field(reader, key: str):
+    """One header field's value, None where absent."""
+    field = reader.get_field(key)
+    return None if field is None else field.contents()
+
+
+def _architecture(reader, path: Path) -> str:
+    """The `general.architecture` of a GGUF header (e.g. "llama")."""
+    arch = _field(reader, "general.architecture")
     if arch is None:
         raise ConversionError(f"GGUF file {str(path)!r} has no general.architecture field")
     return str(arch)
@@ -51,7 +54,8 @@ def hf_from_gguf(gguf_file, out) -> Path:
     safetensors, config without `quantization_config`, tokenizer and chat template)."""
     path, out = Path(gguf_file), Path(out)
     ensure_empty_output(out)
-    arch = gguf_architecture(path)
+    header = _reader(path)
+    arch = _architecture(header, path)
     if arch not in GGUF_ARCHITECTURES:
         raise ConversionError(f"GGUF file {str(path)!r} has architecture {arch!r} "
                               f"(general.architecture); supported: {GGUF_ARCHITECTURES}")
@@ -61,7 +65,7 @@ def hf_from_gguf(gguf_file, out) -> Path:
     kw = dict(gguf_file=path.name)
     config = AutoConfig.from_pretrained(str(path.parent), **kw)
     # transformers reads no head_dim from qwen3 GGUFs; a decoupled one is in key_length
-    key_length = gguf_fields(path, f"{arch}.attention.key_length")[f"{arch}.attention.key_length"]
+    key_length = _field(header, f"{arch}.attention.key_length")
     if key_length and hasattr(config, "head_dim"):
         config.head_dim = int(key_length)
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), config=config,
