@@ -17,6 +17,9 @@ import soft_jax  # noqa: E402,F401  decides jax's platforms before any test star
 
 
 # family -> (transformers config class, model class)
+# a ChatML chat template (Qwen's format), for tokenizers trained in tests
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
               "mistral": ("MistralConfig", "MistralForCausalLM"),
               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),

@@ -9,8 +9,8 @@ from soft_jax.eval import prompting as runner
 from soft_jax.data.formats import prompt_ids_for
 from soft_jax.data.tokenizer import train_bpe
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+from conftest import CHATML
+
 ROW = {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"}
 
 

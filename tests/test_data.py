@@ -8,6 +8,8 @@ import pytest
 from soft_jax.data import formats as D
 from soft_jax.data.tokenizer import train_bpe
 
+from conftest import CHATML
+
 
 @pytest.fixture(scope="module")
 def tok():
@@ -97,10 +99,6 @@ def test_local_files_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         D.load_rows(str(tmp_path / "missing.jsonl"))
     assert len(D.load_rows("gsm8k_demo:heldout")) == 200
-
-
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 @pytest.fixture

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_hf_model
+from conftest import CHATML, make_hf_model
 from soft_jax.cli.main import main
 from test_families import FAMILIES
 
 pytestmark = pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
 
 

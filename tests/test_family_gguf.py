@@ -9,15 +9,12 @@ import numpy as np
 import pytest
 
 import soft_jax as sj
-from conftest import make_hf_model
+from conftest import CHATML, make_hf_model
 from soft_jax.cli.main import main
 from soft_jax.data.tokenizer import train_bpe
 from test_hf_parity import rel_err, torch_exit_logits
 
 pytest.importorskip("gguf")
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                 "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                 "{% endif %}")
 FAMILIES = {"qwen2": dict(tie=True, heads=4, kv_heads=2),
             "qwen3": dict(heads=4, kv_heads=2, head_dim=32)}  # 4 x 32 != 64, and not 128
 
@@ -55,7 +52,7 @@ def write_gguf(model, tokenizer, path, arch: str) -> None:
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
     w.add_eos_token_id(tokenizer.eos_token_id)
     w.add_pad_token_id(tokenizer.pad_token_id)
-    w.add_chat_template(CHAT_TEMPLATE)
+    w.add_chat_template(CHATML)
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -91,4 +88,4 @@ def test_family_gguf_converts_exactly(tmp_path, arch):
     text = "the cat sat on the mat"
     assert tokenizer.encode(text, add_special_tokens=False) == tok.encode(
         text, add_special_tokens=False)
-    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert tokenizer.chat_template == CHATML
