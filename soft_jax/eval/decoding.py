@@ -44,15 +44,16 @@ def quality(fmt: str, texts: list[str], rows: list[dict], refs: list[str]) -> di
 DRIFT_WARN = 0.10  # the baseline timed first and last differing by more: a loaded machine
 
 
-def timed(config, params, prompts: list[list[int]], n_new: int, **kw) -> tuple[list, dict]:
+def timed(config, params, prompts: list[list[int]], n_new: int, warm: bool = True,
+          **kw) -> tuple[list, dict]:
     """Tokens per prompt and summed stats of soft_jax.generate, after an untimed pass over
     the same prompts (compiles every shape the timed pass meets, adaptive draft lengths
-    included)."""
+    included; `warm=False` skips it for a setting already timed)."""
     from soft_jax.infer.generate import generate
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        for p in prompts:
+        for p in prompts if warm else ():
             generate(config, params, [p], n_new, **kw)
         outs = [generate(config, params, [p], n_new, **kw) for p in prompts]
     toks = [o.tokens[0] for o in outs]
@@ -117,7 +118,7 @@ def task_decoding(cfg, model: LoadedModel, exits, out: Path, ctx: dict) -> dict:
             f"{row['metric']} {row['quality']:.3f}"
             + (f", rejection {row['rejection_ratio']:.2f}" if drafted else ""))
     # the baseline again, last: ratios taken across minutes mean little if the load changed
-    _, end = timed(config, model.params, prompts, c.max_new_tokens)
+    _, end = timed(config, model.params, prompts, c.max_new_tokens, warm=False)
     drift = end["ms_per_token"] / base
     if abs(drift - 1) > DRIFT_WARN:
         log(f"warning: full greedy took {base:.1f} ms/token first and {end['ms_per_token']:.1f} "
