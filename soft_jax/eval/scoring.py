@@ -189,15 +189,14 @@ def cut_at_next_question(generated: str) -> str:
 
 
 # ------------------------------------------------------------------------------ ROUGE-L
-_ROUGE = None
+_ROUGE: dict[bool, object] = {}
 
 
-def rouge_l(candidate: str, reference: str) -> float:
+def rouge_l(candidate: str, reference: str, stem: bool = False) -> float:
     """ROUGE-L F1 from Google's `rouge-score` package (its tokenizer: lowercase ASCII words
-    and digits; no stemming)."""
-    global _ROUGE
-    if _ROUGE is None:
+    and digits; Porter stemming when `stem`)."""
+    if stem not in _ROUGE:
         from rouge_score import rouge_scorer
 
-        _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    return float(_ROUGE.score(reference, candidate)["rougeL"].fmeasure)
+        _ROUGE[stem] = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=stem)
+    return float(_ROUGE[stem].score(reference, candidate)["rougeL"].fmeasure)

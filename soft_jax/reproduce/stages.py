@@ -172,11 +172,10 @@ def eval_config(run: Path, name: str, task: str, size: dict, second: str = ""):
 
 
 def rouge_l(outputs: list[str], references: list[str]) -> float:
-    """Mean ROUGE-L F1 (Google's `rouge-score`, stemmed) of outputs against references."""
-    from rouge_score import rouge_scorer
+    """Mean stemmed ROUGE-L F1 of outputs against references (as the paper's GSM8K column)."""
+    from soft_jax.eval.scoring import rouge_l as rouge_l_f1
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    scores = [scorer.score(r, o)["rougeL"].fmeasure for o, r in zip(outputs, references)]
+    scores = [rouge_l_f1(o, r, stem=True) for o, r in zip(outputs, references)]
     return float(sum(scores) / len(scores)) if scores else 0.0
 
 
