@@ -87,6 +87,19 @@ def test_study_report_tables_targets_and_projection(tmp_path):
     assert "| full greedy, first / last timing | 10.0 / 13.0 ms (1.30x) |" in text
     assert "last-layer loss 1.000 vs <= 0.90: missed by 0.100" in text
     assert "distill step 20" in text and "| 30 | 1.500 |" in text
+    # the 4x round: once chosen, SFT is its reference and each run is compared with its x1 run
+    (tmp_path / "long_choice.json").write_text(json.dumps({"runs": ["soft", "distill"]}))
+    longer = {str(e): {**v, "loss": v["loss"] - 0.5} for e, v in per_exit.items()}
+    for name, acc in (("sft", 0.1), ("soft", 0.5)):
+        (tmp_path / "x4" / "eval" / name).mkdir(parents=True)
+        (tmp_path / "x4" / "eval" / name / "loss.json").write_text(json.dumps({"per_exit": longer}))
+        (tmp_path / "x4" / "eval" / name / "decoding.json").write_text(json.dumps(_decoding(acc)))
+    text = write_study_report(tmp_path, finished(tmp_path)).read_text()
+    assert "## What 4x the training closes" in text
+    assert "| soft | 1.000 -> 0.500 | - -> 0.000 | 1.900 -> 1.400 | 0.30 -> 0.50 | 0.30 -> 0.50 |" in text
+    assert "long round distill: train, loss, sortedness, decoding" in text
+    assert "long round soft: train, sortedness" in text and "long round depth" not in text
+    assert "| sft |" not in text[text.index("## What 4x"):]
     # a = 0: one token per cycle for a draft plus a verify pass, 1.01 full-model reads
     assert abs(projected_speedup(0.0, 0.5)[0] - 1 / 1.01) < 1e-12
     assert projected_speedup(0.9, 0.25)[0] > projected_speedup(0.5, 0.25)[0] > 1

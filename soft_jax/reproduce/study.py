@@ -1,7 +1,7 @@
 """The exit-loss recipe study: SFT and SoFT with every recipe of soft_jax/train/recipes.py from
 the same converted SmolLM2-135M weights, the budget and seed of the reproduction, then every
 exit evaluated (held-out loss / accuracy, KL to the last layer, the `decoding` eval task), and
-the two best recipes plus `paper` again at 4x the steps.
+the two best recipes plus `paper` again at 4x the steps, with SFT at 4x as their reference.
 
 Stage-cached like `soft_jax.reproduce.stages` (same run-dir layout: NAME/done.json,
 eval/NAME/TASK.json); its command is `soft-jax reproduce --study`.
@@ -19,6 +19,7 @@ from soft_jax.reproduce.stages import (cached, convert_stage, default_gguf, eval
 
 LONG = 4  # the budget multiple of the second round
 LONG_RUNS = 3  # `paper` and the two best recipes
+LONG_REFERENCE = "sft"  # also trained at 4x: the last-layer gap is measured at equal budget
 TARGETS = {"last_loss": 0.90, "exit_loss_ratio": 1.05,
            "acceptance": {21: 0.35, 24: 0.50, 27: 0.60}}
 
@@ -73,6 +74,12 @@ def long_choice(run: Path, first: dict) -> list[str]:
     return cached(run / "long_choice.json", "choose the 4x runs", go)["runs"]
 
 
+def long_runs(run: Path) -> list[str]:
+    """The 4x round's runs once chosen (the chosen ones after SFT), else []."""
+    path = run / "long_choice.json"
+    return [LONG_REFERENCE] + json.loads(path.read_text())["runs"] if path.is_file() else []
+
+
 def run_study(run: Path, gguf: str | None = None, names: str = "", long: bool = True) -> dict:
     """Run (or resume) the study in `run`; `names` (comma list) keeps only those runs of the
     first round, in that order, `long=False` skips the 4x round. Writes run/study.json and the report."""
@@ -85,11 +92,12 @@ def run_study(run: Path, gguf: str | None = None, names: str = "", long: bool = 
     if unknown:
         raise ValueError(f"--models: unknown study run(s) {unknown}; expected some of "
                          f"{list(RUNS)}")
-    results = {"size": study_size(), "first": {}, "long": {}}
+    results = {"size": study_size(), "first": {}, "long": {}, "long_runs": long_runs(run)}
     results["first"] = model_stages(run, wanted, study_size())
     if long and not names:
-        results["long"] = model_stages(_run_dir(run, True), long_choice(run, results["first"]),
-                                       study_size(True))
+        long_choice(run, results["first"])
+        results["long_runs"] = long_runs(run)
+        results["long"] = model_stages(_run_dir(run, True), results["long_runs"], study_size(True))
     (run / "study.json").write_text(json.dumps(results, indent=2, default=str))
     log(f"study report: {write_study_report(run, results)}")
     return results
@@ -97,7 +105,7 @@ def run_study(run: Path, gguf: str | None = None, names: str = "", long: bool = 
 
 def finished(run: Path) -> dict:
     """The completed stages of a study run dir (for the report without running anything)."""
-    out = {"size": study_size(), "first": {}, "long": {}}
+    out = {"size": study_size(), "first": {}, "long": {}, "long_runs": long_runs(run)}
     for key, sub in (("first", run), ("long", run / f"x{LONG}")):
         for name in RUNS:
             res = {}

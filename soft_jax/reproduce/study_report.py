@@ -171,16 +171,45 @@ def training_section(run: Path) -> list[str]:
             markdown_table(["exit"] + list(last), rows, "---:"), ""]
 
 
+def closing_section(first: dict, long: dict) -> list[str]:
+    """Each 4x run against its own 30-step run: which gaps close with 4x the training."""
+    names = [n for n in long if n != "sft" and _loss(long[n], EXITS[-1]) is not None
+             and _loss(first.get(n, {}), EXITS[-1]) is not None]
+    if not names:
+        return []
+    sft = {k: _loss(r.get("sft", {}), EXITS[-1]) for k, r in (("x1", first), ("x4", long))}
+
+    def pair(f, digits: int = 3) -> str:
+        return f"{_f(f(first[n]), digits)} -> {_f(f(long[n]), digits)}"
+
+    def mid(res: dict) -> float | None:
+        losses = [_loss(res, e) for e in range(15, 28, 3)]
+        return None if None in losses else float(np.mean(losses))
+
+    rows = []
+    for n in names:
+        gap = [(_loss(r, EXITS[-1]) - sft[k]) if sft[k] is not None else None
+               for k, r in (("x1", first[n]), ("x4", long[n]))]
+        rows.append([n, pair(lambda r: _loss(r, EXITS[-1])), f"{_f(gap[0])} -> {_f(gap[1])}",
+                     pair(mid)] + [pair(lambda r, d=d: _accept(r, d), 2) for d in TARGET_ACCEPTANCE])
+    return ["## What 4x the training closes", "",
+            "Each run at 30 -> 120 steps: last-layer held-out loss, its gap to SFT at the same "
+            "budget, mean held-out loss of exits 15-27, and greedy draft acceptance:", "",
+            markdown_table(["run", "last layer", "gap to SFT", "exits 15-27"]
+                           + [f"acceptance {d}" for d in TARGET_ACCEPTANCE], rows,
+                           "---:"), ""]
+
+
 def pending(run: Path, results: dict) -> list[str]:
     """The runs / stages not done yet."""
 
     out = []
-    for key in ("first", "long"):
-        for n in RUNS:
+    for key, names in (("first", RUNS), ("long", results.get("long_runs", []))):
+        for n in names:
             missing = [t for t in ("train",) + TASKS if t not in results[key].get(n, {})]
-            if missing and (key == "first" or results["long"]):
+            if missing:
                 out.append(f"{key} round {n}: {', '.join(missing)}")
-    if not results["long"]:
+    if not results.get("long_runs"):
         out.append("the 4x round (not chosen until every first-round run is evaluated)")
     return out
 
@@ -199,6 +228,7 @@ def write_study_report(run: Path, results: dict) -> Path:
     md += round_section(results["first"], "30 steps x 2 x 512 tokens (the reproduction's "
                         "budget), seed 42", figs, "x1")
     md += round_section(results["long"], "4x budget (120 steps)", figs, "x4")
+    md += closing_section(results["first"], results["long"])
     md += training_section(run)
     md += ["## Pending", ""] + [f"- {p}" for p in pending(run, results)] + [""]
     path = run / "study_report.md"
