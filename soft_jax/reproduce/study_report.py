@@ -100,8 +100,9 @@ def round_section(results: dict, title: str, figs: Path, tag: str) -> list[str]:
     rows = [[e] + [f"{_f(_loss(runs[n], e))} / {_f(_acc(runs[n], e))} / {_f(_kl(runs[n], e), 2)}"
                    for n in names] + [f"{DOC_PAPER['loss'][e]:.3f}"] for e in EXITS]
     md += ["Held-out loss / next-token accuracy / KL(p_last || p_exit) per exit ('-': stage "
-           "not done); last column: equal-weight SoFT as documented below (same budget).", "",
-           markdown_table(["exit"] + names + ["documented SoFT loss"], rows, "---:"), ""]
+           "not done); last column: equal-weight SoFT at 30 steps as documented below.", "",
+           markdown_table(["exit"] + names + ["documented SoFT loss (30 steps)"], rows, "---:"),
+           ""]
     sft_last = _loss(runs.get("sft", {}), EXITS[-1]) or DOC_PAPER["sft_last"]
     md += ["Last layer against SFT (" + f"{sft_last:.3f} nats): " + ", ".join(
         f"{n} {_loss(runs[n], EXITS[-1]) - sft_last:+.3f}" for n in names
@@ -151,8 +152,8 @@ def round_section(results: dict, title: str, figs: Path, tag: str) -> list[str]:
 
 
 def training_section(run: Path) -> list[str]:
-    """Per-exit *training* loss (the step's own batch) at each run's last logged step: the
-    only signal of a run whose held-out stages are not done."""
+    """Per-exit *training* loss (the step's own batch) at each first-round run's last logged
+    step: the only signal of a run whose held-out stages are not done."""
     import json
 
 
