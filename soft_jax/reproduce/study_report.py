@@ -231,7 +231,8 @@ def write_study_report(run: Path, results: dict) -> Path:
     md += round_section(results["long"], "4x budget (120 steps)", figs, "x4")
     md += closing_section(results["first"], results["long"])
     md += training_section(run)
-    md += ["## Pending", ""] + [f"- {p}" for p in pending(run, results)] + [""]
+    md += ["## Pending", ""] + [f"- {p}" for p in pending(run, results)
+                                 or ["nothing: every stage is done"]] + [""]
     path = run / "study_report.md"
     path.write_text("\n".join(md) + "\n")
     return path
