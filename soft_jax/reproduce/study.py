@@ -92,12 +92,11 @@ def run_study(run: Path, gguf: str | None = None, names: str = "", long: bool = 
     if unknown:
         raise ValueError(f"--models: unknown study run(s) {unknown}; expected some of "
                          f"{list(RUNS)}")
-    results = {"size": study_size(), "first": {}, "long": {}, "long_runs": long_runs(run)}
-    results["first"] = model_stages(run, wanted, study_size())
+    results = {"size": study_size(), "first": model_stages(run, wanted, study_size()), "long": {}}
     if long and not names:
-        long_choice(run, results["first"])
-        results["long_runs"] = long_runs(run)
-        results["long"] = model_stages(_run_dir(run, True), results["long_runs"], study_size(True))
+        long_choice(run, results["first"])  # chosen once, kept in run/long_choice.json
+        results["long"] = model_stages(_run_dir(run, True), long_runs(run), study_size(True))
+    results["long_runs"] = long_runs(run)
     (run / "study.json").write_text(json.dumps(results, indent=2, default=str))
     log(f"study report: {write_study_report(run, results)}")
     return results

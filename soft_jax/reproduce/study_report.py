@@ -19,6 +19,7 @@ DOC_PAPER = {"loss": {9: 5.148, 12: 4.475, 15: 4.180, 18: 3.941, 21: 3.066, 24: 
              "acceptance": {9: 0.13, 12: 0.15, 15: 0.16, 18: 0.17, 21: 0.20, 24: 0.37, 27: 0.47},
              "sft_last": 0.868}
 TARGET_ACCEPTANCE = {21: 0.35, 24: 0.50, 27: 0.60}
+MID_EXITS = range(15, 28, 3)  # the exits held within 5% of equal-weight SoFT
 
 
 def projected_speedup(a: float, depth: float, head: float = HEAD_FRACTION) -> tuple[float, int]:
@@ -75,7 +76,7 @@ def _targets(name: str, res: dict, paper: dict) -> list[str]:
     if last is not None:
         out.append(f"last-layer loss {last:.3f} vs <= 0.90: "
                    + ("met" if last <= 0.90 else f"missed by {last - 0.90:.3f}"))
-    worse = [(e, _loss(res, e) / paper[e] - 1) for e in range(15, 28, 3)
+    worse = [(e, _loss(res, e) / paper[e] - 1) for e in MID_EXITS
              if _loss(res, e) is not None and paper.get(e)]
     if worse:
         e, r = max(worse, key=lambda x: x[1])
@@ -178,21 +179,24 @@ def closing_section(first: dict, long: dict) -> list[str]:
              and _loss(first.get(n, {}), EXITS[-1]) is not None]
     if not names:
         return []
-    sft = {k: _loss(r.get("sft", {}), EXITS[-1]) for k, r in (("x1", first), ("x4", long))}
+    sft_first, sft_long = (_loss(r.get("sft", {}), EXITS[-1]) for r in (first, long))
 
-    def pair(f, digits: int = 3) -> str:
-        return f"{_f(f(first[n]), digits)} -> {_f(f(long[n]), digits)}"
+    def last(res: dict) -> float | None:
+        return _loss(res, EXITS[-1])
 
     def mid(res: dict) -> float | None:
-        losses = [_loss(res, e) for e in range(15, 28, 3)]
+        losses = [_loss(res, e) for e in MID_EXITS]
         return None if None in losses else float(np.mean(losses))
 
-    rows = []
-    for n in names:
-        gap = [(_loss(r, EXITS[-1]) - sft[k]) if sft[k] is not None else None
-               for k, r in (("x1", first[n]), ("x4", long[n]))]
-        rows.append([n, pair(lambda r: _loss(r, EXITS[-1])), f"{_f(gap[0])} -> {_f(gap[1])}",
-                     pair(mid)] + [pair(lambda r, d=d: _accept(r, d), 2) for d in TARGET_ACCEPTANCE])
+    def pair(n: str, f, digits: int = 3) -> str:
+        return f"{_f(f(first[n]), digits)} -> {_f(f(long[n]), digits)}"
+
+    def gap(res: dict, sft_last: float | None) -> float | None:
+        return None if sft_last is None else last(res) - sft_last
+
+    rows = [[n, pair(n, last), f"{_f(gap(first[n], sft_first))} -> {_f(gap(long[n], sft_long))}",
+             pair(n, mid)] + [pair(n, lambda r, d=d: _accept(r, d), 2) for d in TARGET_ACCEPTANCE]
+            for n in names]
     return ["## What 4x the training closes", "",
             "Each run at 30 -> 120 steps: last-layer held-out loss, its gap to SFT at the same "
             "budget, mean held-out loss of exits 15-27, and greedy draft acceptance:", "",
